@@ -1,0 +1,211 @@
+//! GGUF files of the `llama` and `qwen2` architectures, dequantized to f32 and renamed to the
+//! Hugging Face layout.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+
+use crate::config::{Arch, Config};
+
+pub struct GgufFile {
+    pub content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+        Ok(Self { content, reader })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    }
+
+    pub fn arch(&self) -> Result<&str> {
+        self.meta_str("general.architecture")
+            .context("GGUF file has no `general.architecture`")
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        Ok(match self.meta(key) {
+            None => None,
+            Some(v) => Some(value_as_u64(v).with_context(|| format!("GGUF key `{key}` is not an integer"))? as usize),
+        })
+    }
+
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            other => value_as_u64(other).ok().map(|v| v as f64),
+        }
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let arch_name = self.arch()?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => bail!("unsupported architecture `{other}` (supported GGUF architectures: llama, qwen2)"),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let need = |k: &str| -> Result<usize> {
+            self.meta_usize(&key(k))?.with_context(|| format!("GGUF file has no `{}`", key(k)))
+        };
+        let hidden_size = need("embedding_length")?;
+        let num_heads = need("attention.head_count")?;
+        if num_heads == 0 {
+            bail!("GGUF `{}` is zero", key("attention.head_count"));
+        }
+        let num_kv_heads = self.meta_usize(&key("attention.head_count_kv"))?.unwrap_or(num_heads);
+        let head_dim = self.meta_usize(&key("attention.key_length"))?.unwrap_or(hidden_size / num_heads);
+        if let Some(rope_dim) = self.meta_usize(&key("rope.dimension_count"))? {
+            if rope_dim != head_dim {
+                bail!("unsupported: partial rotary embedding ({rope_dim} of {head_dim} dimensions)");
+            }
+        }
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            bail!("unsupported: rope frequency scaling (`rope_freqs.weight`)");
+        }
+        let embed = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .context("GGUF file has no tensor `token_embd.weight`")?;
+        let vocab_size = match self.meta_usize(&key("vocab_size"))? {
+            Some(v) => v,
+            None => embed.shape.dims()[0],
+        };
+        let config = Config {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size: need("feed_forward_length")?,
+            num_layers: need("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: self.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rms_norm_eps: self
+                .meta_f64(&key("attention.layer_norm_rms_epsilon"))
+                .context("GGUF file has no rms-norm epsilon")?,
+            max_position_embeddings: need("context_length")?,
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads one tensor, dequantized to f32.
+    pub fn tensor_f32(&mut self, name: &str) -> Result<Tensor> {
+        let q = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("cannot read tensor `{name}`"))?;
+        Ok(q.dequantize(&Device::Cpu)?)
+    }
+
+    /// All tensors under Hugging Face names; llama q/k rows are put back in the half-split
+    /// rotary order that `llama.rs` (and transformers) use.
+    pub fn hf_tensors(&mut self, config: &Config) -> Result<HashMap<String, Tensor>> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        let mut out = HashMap::new();
+        for name in names {
+            let Some(hf) = hf_name(&name) else { continue };
+            let mut t = self.tensor_f32(&name)?;
+            if config.arch == Arch::Llama {
+                if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+                    t = unpermute_rotary(&t, config.num_heads)?;
+                } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
+                    t = unpermute_rotary(&t, config.num_kv_heads)?;
+                }
+            }
+            out.insert(hf, t);
+        }
+        Ok(out)
+    }
+}
+
+fn value_as_u64(v: &Value) -> Result<u64> {
+    Ok(match v {
+        Value::U8(x) => *x as u64,
+        Value::U16(x) => *x as u64,
+        Value::U32(x) => *x as u64,
+        Value::U64(x) => *x,
+        Value::I8(x) if *x >= 0 => *x as u64,
+        Value::I16(x) if *x >= 0 => *x as u64,
+        Value::I32(x) if *x >= 0 => *x as u64,
+        Value::I64(x) if *x >= 0 => *x as u64,
+        other => bail!("expected a non-negative integer, got {other:?}"),
+    })
+}
+
+/// GGUF tensor name → Hugging Face name (`None` for tensors the forward does not use).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, kind) = rest.rsplit_once('.')?;
+    let hf = match base {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// llama.cpp's converter interleaves the two rotary halves of each head's q/k rows
+/// (`reshape(h, 2, d/2).swap(1, 2)`); this is its inverse.
+pub fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if rows % (2 * heads) != 0 {
+        bail!("cannot undo the rotary permutation: {rows} rows for {heads} heads");
+    }
+    let half = rows / heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    let u = t
+        .reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?;
+    Ok(u)
+}
+
+/// The inverse of [`unpermute_rotary`]: Hugging Face order → llama.cpp order.
+pub fn permute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let half = dims[0] / heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    Ok(t.reshape((heads, 2, half, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
