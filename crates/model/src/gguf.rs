@@ -111,6 +111,15 @@ impl GgufFile {
         Ok(config)
     }
 
+    /// End-of-sequence token ids named by the file.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| self.meta(k).and_then(|v| value_as_u64(v).ok()))
+            .map(|v| v as u32)
+            .collect()
+    }
+
     /// Reads one tensor, dequantized to f32.
     pub fn tensor_f32(&mut self, name: &str) -> Result<Tensor> {
         let q = self

@@ -17,6 +17,18 @@ pub fn read_config(dir: &Path) -> Result<Config> {
     hf.to_config()
 }
 
+/// `eos_token_id` of config.json (a number or a list); empty when absent.
+pub fn read_eos_ids(dir: &Path) -> Vec<u32> {
+    let json: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    match json.as_ref().and_then(|j| j.get("eos_token_id")) {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The safetensors files of a directory: `model.safetensors`, or the shards listed by
 /// `model.safetensors.index.json`.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -1,6 +1,7 @@
 //! Models in, a forward pass out: GGUF and Hugging Face loading, tokenizers, the llama/qwen2
 //! forward, perplexity and generation.
 
+pub mod attention;
 pub mod config;
 pub mod corpus;
 pub mod generate;
@@ -40,6 +41,8 @@ pub struct LoadedModel {
     pub format: Format,
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
+    /// Tokens that end generation.
+    pub eos_ids: Vec<u32>,
 }
 
 impl LoadedModel {
@@ -61,23 +64,25 @@ fn format_of(path: &Path) -> Result<Format> {
 /// Loads a GGUF file or a Hugging Face directory; weights become f32 on the CPU.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let format = format_of(path)?;
-    let (model, tokenizer) = match format {
+    let (model, tokenizer, eos_ids) = match format {
         Format::Gguf => {
             let mut gguf = gguf::GgufFile::open(path)?;
             let config = gguf.config()?;
             let tokenizer = tokenizer::from_gguf(&gguf)?;
+            let eos_ids = gguf.eos_ids();
             let tensors = gguf.hf_tensors(&config)?;
-            (Model::from_tensors(config, tensors)?, Some(tokenizer))
+            (Model::from_tensors(config, tensors)?, Some(tokenizer), eos_ids)
         }
         Format::HuggingFace => {
             let config = hf::read_config(path)?;
+            let eos_ids = hf::read_eos_ids(path);
             let tensors = hf::read_tensors(path)?;
             let tok_path = path.join("tokenizer.json");
             let tokenizer = if tok_path.exists() { Some(tokenizer::from_file(&tok_path)?) } else { None };
-            (Model::from_tensors(config, tensors)?, tokenizer)
+            (Model::from_tensors(config, tensors)?, tokenizer, eos_ids)
         }
     };
-    Ok(LoadedModel { path: path.to_path_buf(), format, model, tokenizer })
+    Ok(LoadedModel { path: path.to_path_buf(), format, model, tokenizer, eos_ids })
 }
 
 /// Config and stored tensors without dequantizing anything.

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention::{causal_attention, AttnShape};
 use crate::config::Config;
 
 /// A linear layer `y = x Wᵀ + b`, `W` of shape `[out, in]`.
@@ -163,15 +164,6 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?)
 }
 
-/// Additive causal mask `[seq, past + seq]`: query `i` (at position `past + i`) sees keys `0..=past + i`.
-fn causal_mask(seq: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let total = past + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (seq, total), device)?)
-}
-
 impl Block {
     /// `x`: `[batch, seq, hidden]`, first token at position `pos`.
     pub fn forward(
@@ -180,11 +172,10 @@ impl Block {
         rope: &Rope,
         x: &Tensor,
         pos: usize,
-        mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.attn_norm, cfg.rms_norm_eps)?;
-        let attn = self.attention(cfg, rope, &h, pos, mask, cache)?;
+        let attn = self.attention(cfg, rope, &h, pos, cache)?;
         let x = (x + attn)?;
         let h = rms_norm(&x, &self.mlp_norm, cfg.rms_norm_eps)?;
         let gate = self.gate_proj.forward(&h)?.silu()?;
@@ -199,7 +190,6 @@ impl Block {
         rope: &Rope,
         x: &Tensor,
         pos: usize,
-        mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -217,18 +207,11 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let total = k.dim(2)?;
-        // Grouped-query attention without copying keys: the `rep` query heads that share a
-        // key/value head are stacked along the sequence axis of one matmul.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = scores.reshape((b, nkv, rep, t, total))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let probs = probs.reshape((b, nkv, rep * t, total))?;
-        let out = probs.matmul(&v.contiguous()?)?; // [b, nkv, rep*t, hd]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let shape = AttnShape { batch: b, heads: nh, kv_heads: nkv, queries: t, keys: k.dim(2)?, head_dim: hd };
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+        let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
+        let out = Tensor::from_vec(out, (b, nh, t, hd), x.device())?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
 }
@@ -318,17 +301,16 @@ impl Model {
                 self.config.max_position_embeddings
             );
         }
-        let mask = causal_mask(t, pos, tokens.device())?;
         let mut x = self.embed(tokens)?;
         match cache {
             Some(cache) => {
                 for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(&self.config, &self.rope, &x, pos, &mask, Some(slot))?;
+                    x = block.forward(&self.config, &self.rope, &x, pos, Some(slot))?;
                 }
             }
             None => {
                 for block in &self.blocks {
-                    x = block.forward(&self.config, &self.rope, &x, pos, &mask, None)?;
+                    x = block.forward(&self.config, &self.rope, &x, pos, None)?;
                 }
             }
         }

@@ -1,0 +1,61 @@
+//! What the subcommands share: default assets, text loading, progress bars, JSON output.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use potptq_model::corpus::{self, Split};
+
+/// Where `scripts/fetch-assets.sh` puts the default model and text.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("POTPTQ_ASSETS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("assets"))
+}
+
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub fn model_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.unwrap_or_else(|| assets_dir().join(DEFAULT_MODEL))
+}
+
+/// A text to evaluate on, with a name for reports.
+pub struct Text {
+    pub name: String,
+    pub content: String,
+}
+
+impl Text {
+    pub fn sha256(&self) -> String {
+        corpus::sha256_hex(self.content.as_bytes())
+    }
+}
+
+/// `--text FILE`, or the Brown test split.
+pub fn load_text(arg: Option<&Path>) -> Result<Text> {
+    match arg {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read text {}", path.display()))?;
+            let content = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+            Ok(Text { name: path.display().to_string(), content })
+        }
+        None => Ok(Text {
+            name: "brown-test".into(),
+            content: corpus::brown_split(&assets_dir().join("brown"), Split::Test)?,
+        }),
+    }
+}
+
+pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Prints `value` as one JSON line: the last line of stdout for scripts.
+pub fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}

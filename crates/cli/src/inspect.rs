@@ -1,0 +1,56 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::common::{model_path, print_json};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file or Hugging Face directory (default: the fetched SmolLM2-135M).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let path = model_path(args.model);
+    let (format, config, tensors) = potptq_model::describe(&path)?;
+    let stored: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    if args.json {
+        print_json(&json!({
+            "model": path.display().to_string(),
+            "format": format,
+            "config": config,
+            "parameters": config.parameter_count(),
+            "stored_elements": stored,
+            "tensors": tensors,
+        }));
+        return Ok(());
+    }
+    println!("model       {}", path.display());
+    println!("format      {format:?}");
+    println!("arch        {}", config.arch.name());
+    println!(
+        "layers {}  hidden {}  ffn {}  heads {}/{} kv  head_dim {}  vocab {}",
+        config.num_layers,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.vocab_size
+    );
+    println!(
+        "rope_theta {}  rms_eps {:e}  context {}  tied embeddings {}  qkv bias {}",
+        config.rope_theta, config.rms_norm_eps, config.max_position_embeddings, config.tie_word_embeddings, config.attention_bias
+    );
+    println!("parameters  {} ({:.1} M)", config.parameter_count(), config.parameter_count() as f64 / 1e6);
+    println!("tensors     {}", tensors.len());
+    for t in &tensors {
+        println!("  {:<48} {:<6} {:?}", t.name, t.dtype, t.shape);
+    }
+    Ok(())
+}
