@@ -49,7 +49,8 @@ impl GgufFile {
 
     fn meta_f64(&self, key: &str) -> Option<f64> {
         match self.meta(key)? {
-            Value::F32(v) => Some(*v as f64),
+            // The shortest decimal that round-trips the f32: 1e-5, not 9.99999974e-6.
+            Value::F32(v) => v.to_string().parse().ok(),
             Value::F64(v) => Some(*v),
             other => value_as_u64(other).ok().map(|v| v as f64),
         }
@@ -217,4 +218,101 @@ pub fn permute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
     let half = dims[0] / heads / 2;
     let rest: usize = dims[1..].iter().product();
     Ok(t.reshape((heads, 2, half, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// Hugging Face name → GGUF name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (base, kind) = rest.rsplit_once('.')?;
+    let g = match base {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// A byte-level BPE vocabulary to store in a GGUF file.
+pub struct GgufVocab {
+    pub pre: String,
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    pub eos_id: Option<u32>,
+}
+
+/// Writes `tensors` (Hugging Face names and layout) as a GGUF file of `config.arch` (llama or
+/// qwen2), with matrices stored as `matrix_dtype` and vectors as f32. Written to a temporary
+/// file and renamed into place.
+pub fn write_gguf(
+    path: &Path,
+    config: &Config,
+    tensors: &HashMap<String, Tensor>,
+    vocab: &GgufVocab,
+    matrix_dtype: candle_core::quantized::GgmlDType,
+) -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let arch = match config.arch {
+        Arch::Llama => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Mistral => bail!("GGUF has no `mistral` architecture; write it as llama"),
+    };
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut qtensors = Vec::new();
+    for name in names {
+        let Some(gname) = gguf_name(name) else { continue };
+        let mut t = tensors[name].to_dtype(candle_core::DType::F32)?;
+        if config.arch == Arch::Llama {
+            if name.contains("self_attn.q_proj.") {
+                t = permute_rotary(&t, config.num_heads)?;
+            } else if name.contains("self_attn.k_proj.") {
+                t = permute_rotary(&t, config.num_kv_heads)?;
+            }
+        }
+        let dtype = if t.rank() == 2 { matrix_dtype } else { GgmlDType::F32 };
+        qtensors.push((gname, QTensor::quantize(&t, dtype)?));
+    }
+    let u32v = |v: usize| Value::U32(v as u32);
+    let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), u32v(config.num_layers)),
+        (format!("{arch}.context_length"), u32v(config.max_position_embeddings)),
+        (format!("{arch}.embedding_length"), u32v(config.hidden_size)),
+        (format!("{arch}.feed_forward_length"), u32v(config.intermediate_size)),
+        (format!("{arch}.attention.head_count"), u32v(config.num_heads)),
+        (format!("{arch}.attention.head_count_kv"), u32v(config.num_kv_heads)),
+        (format!("{arch}.attention.key_length"), u32v(config.head_dim)),
+        (format!("{arch}.attention.value_length"), u32v(config.head_dim)),
+        (format!("{arch}.rope.dimension_count"), u32v(config.head_dim)),
+        (format!("{arch}.rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(config.rms_norm_eps as f32)),
+        (format!("{arch}.vocab_size"), u32v(config.vocab_size)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(vocab.pre.clone())),
+        ("tokenizer.ggml.tokens".into(), strings(&vocab.tokens)),
+        ("tokenizer.ggml.merges".into(), strings(&vocab.merges)),
+    ];
+    if let Some(eos) = vocab.eos_id {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    crate::atomic_write(path, |file| {
+        candle_core::quantized::gguf_file::write(file, &meta_refs, &tensor_refs).map_err(anyhow::Error::msg)
+    })
 }
