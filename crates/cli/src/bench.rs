@@ -75,7 +75,7 @@ fn forward_pass(model: &Model, tokens: &Tensor) -> Result<()> {
 }
 
 fn forward(args: ForwardArgs) -> Result<()> {
-    let path = model_path(args.model);
+    let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let model = &loaded.model;
     let c = &model.config;

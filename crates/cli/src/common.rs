@@ -13,8 +13,18 @@ pub fn assets_dir() -> PathBuf {
 
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-pub fn model_path(arg: Option<PathBuf>) -> PathBuf {
-    arg.unwrap_or_else(|| assets_dir().join(DEFAULT_MODEL))
+/// `--model`, or the default model fetched by `scripts/fetch-assets.sh`.
+pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p),
+        None => {
+            let p = assets_dir().join(DEFAULT_MODEL);
+            if !p.exists() {
+                anyhow::bail!("model not found: {} (run scripts/fetch-assets.sh, or pass --model)", p.display());
+            }
+            Ok(p)
+        }
+    }
 }
 
 /// A text to evaluate on, with a name for reports.

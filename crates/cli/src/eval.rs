@@ -41,9 +41,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let path = model_path(args.model);
-    let text = load_text(args.text.as_deref())?;
+    let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
+    let text = load_text(args.text.as_deref())?;
     let tokens = encode(loaded.tokenizer()?, &text.content)?;
     let ctx = loaded.model.config.max_position_embeddings;
     let seq_len = args.seq_len.unwrap_or(2048.min(ctx));

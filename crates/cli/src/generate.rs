@@ -33,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let path = model_path(args.model);
+    let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let tokenizer = loaded.tokenizer()?;
     let prompt = encode(tokenizer, &args.prompt)?;

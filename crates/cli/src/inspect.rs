@@ -16,7 +16,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let path = model_path(args.model);
+    let path = model_path(args.model)?;
     let (format, config, tensors) = potptq_model::describe(&path)?;
     let stored: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
     if args.json {

@@ -22,7 +22,15 @@ impl GgufFile {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
-            .map_err(anyhow::Error::msg)
+            .map_err(|e| {
+                let msg = e.to_string();
+                match msg.strip_prefix("unknown dtype for tensor ") {
+                    Some(id) => anyhow::anyhow!(
+                        "unsupported tensor type (ggml type {id}); supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K"
+                    ),
+                    None => anyhow::Error::msg(msg),
+                }
+            })
             .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
         Ok(Self { content, reader })
     }
@@ -252,6 +260,22 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     pub merges: Vec<String>,
     pub eos_id: Option<u32>,
+}
+
+impl GgufVocab {
+    /// A vocabulary of `n` single-character byte-level tokens (printable ASCII, space `Ġ`,
+    /// newline `Ċ`, then fillers) and no merges: enough to tokenize plain English text with
+    /// the tiny test models.
+    pub fn single_bytes(n: usize, pre: &str) -> Self {
+        let mut tokens: Vec<String> = (33u8..=126).map(|b| (b as char).to_string()).collect();
+        tokens.push("\u{120}".to_string());
+        tokens.push("\u{10a}".to_string());
+        tokens.truncate(n);
+        while tokens.len() < n {
+            tokens.push(format!("<filler{}>", tokens.len()));
+        }
+        GgufVocab { pre: pre.into(), tokens, merges: vec![], eos_id: None }
+    }
 }
 
 /// Writes `tensors` (Hugging Face names and layout) as a GGUF file of `config.arch` (llama or

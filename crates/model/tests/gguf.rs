@@ -14,7 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn vocab(n: usize) -> GgufVocab {
-    GgufVocab { pre: "gpt2".into(), tokens: (0..n).map(|i| format!("t{i}")).collect(), merges: vec![], eos_id: Some(0) }
+    GgufVocab::single_bytes(n, "gpt2")
 }
 
 fn model_tensors(m: &Model) -> HashMap<String, Tensor> {
