@@ -15,6 +15,7 @@ fn potptq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_potptq"))
         .args(args)
         .env("POTPTQ_ASSETS", "/nonexistent-assets")
+        .env("RUST_BACKTRACE", "0")
         .output()
         .expect("run potptq")
 }

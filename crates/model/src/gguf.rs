@@ -23,7 +23,8 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
             .map_err(|e| {
-                let msg = e.to_string();
+                // candle appends a backtrace when RUST_BACKTRACE is set: keep the message.
+                let msg = e.to_string().lines().next().unwrap_or_default().to_string();
                 match msg.strip_prefix("unknown dtype for tensor ") {
                     Some(id) => anyhow::anyhow!(
                         "unsupported tensor type (ggml type {id}); supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K"
