@@ -76,6 +76,46 @@ impl Config {
         Ok(())
     }
 
+    /// `[out, in]` of a block linear (`self_attn.q_proj`, …, `mlp.down_proj`).
+    pub fn linear_shape(&self, linear: &str) -> (usize, usize) {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        match linear {
+            "self_attn.q_proj" => (q, d),
+            "self_attn.k_proj" | "self_attn.v_proj" => (kv, d),
+            "self_attn.o_proj" => (d, q),
+            "mlp.gate_proj" | "mlp.up_proj" => (f, d),
+            "mlp.down_proj" => (d, f),
+            other => panic!("not a block linear: {other}"),
+        }
+    }
+
+    /// `config.json` as transformers writes it for this architecture.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (class, model_type) = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Arch::Mistral => ("MistralForCausalLM", "mistral"),
+        };
+        serde_json::json!({
+            "architectures": [class],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+        })
+    }
+
     /// Parameters of the transformer (embeddings counted once when tied).
     pub fn parameter_count(&self) -> usize {
         let d = self.hidden_size;

@@ -87,6 +87,30 @@ impl Block {
     }
 }
 
+/// Inputs of a block's linear layers (`[batch, seq, in]`), recorded by
+/// [`Block::forward_traced`]: what GPTQ's Hessians are built from.
+#[derive(Debug, Default)]
+pub struct LinearInputs {
+    /// Shared by q/k/v.
+    pub qkv: Option<Tensor>,
+    pub o: Option<Tensor>,
+    /// Shared by gate/up.
+    pub gate_up: Option<Tensor>,
+    pub down: Option<Tensor>,
+}
+
+impl LinearInputs {
+    pub fn of(&self, linear: &str) -> Option<&Tensor> {
+        match linear {
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => self.qkv.as_ref(),
+            "self_attn.o_proj" => self.o.as_ref(),
+            "mlp.gate_proj" | "mlp.up_proj" => self.gate_up.as_ref(),
+            "mlp.down_proj" => self.down.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// Cosine and sine of the rotary angles for every position up to the context length.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -174,16 +198,45 @@ impl Block {
         pos: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let h = rms_norm(x, &self.attn_norm, cfg.rms_norm_eps)?;
-        let attn = self.attention(cfg, rope, &h, pos, cache)?;
-        let x = (x + attn)?;
-        let h = rms_norm(&x, &self.mlp_norm, cfg.rms_norm_eps)?;
-        let gate = self.gate_proj.forward(&h)?.silu()?;
-        let up = self.up_proj.forward(&h)?;
-        let mlp = self.down_proj.forward(&(gate * up)?)?;
-        Ok((x + mlp)?)
+        self.forward_inner(cfg, rope, x, pos, cache, None)
     }
 
+    /// A full-sequence forward that also returns the input of every linear layer.
+    pub fn forward_traced(&self, cfg: &Config, rope: &Rope, x: &Tensor) -> Result<(Tensor, LinearInputs)> {
+        let mut inputs = LinearInputs::default();
+        let out = self.forward_inner(cfg, rope, x, 0, None, Some(&mut inputs))?;
+        Ok((out, inputs))
+    }
+
+    fn forward_inner(
+        &self,
+        cfg: &Config,
+        rope: &Rope,
+        x: &Tensor,
+        pos: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut trace: Option<&mut LinearInputs>,
+    ) -> Result<Tensor> {
+        let mut record = |slot: fn(&mut LinearInputs) -> &mut Option<Tensor>, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                *slot(tr) = Some(t.clone());
+            }
+        };
+        let h = rms_norm(x, &self.attn_norm, cfg.rms_norm_eps)?;
+        record(|t| &mut t.qkv, &h);
+        let heads_out = self.attention(cfg, rope, &h, pos, cache)?;
+        record(|t| &mut t.o, &heads_out);
+        let x = (x + self.o_proj.forward(&heads_out)?)?;
+        let h = rms_norm(&x, &self.mlp_norm, cfg.rms_norm_eps)?;
+        record(|t| &mut t.gate_up, &h);
+        let gate = self.gate_proj.forward(&h)?.silu()?;
+        let up = self.up_proj.forward(&h)?;
+        let act = (gate * up)?;
+        record(|t| &mut t.down, &act);
+        Ok((x + self.down_proj.forward(&act)?)?)
+    }
+
+    /// Attention heads' output, concatenated: the input of `o_proj`.
     fn attention(
         &self,
         cfg: &Config,
@@ -211,8 +264,7 @@ impl Block {
         let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
         let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
         let out = Tensor::from_vec(out, (b, nh, t, hd), x.device())?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+        Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }
 
