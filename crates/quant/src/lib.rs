@@ -1,0 +1,14 @@
+//! The formats and the data-free algorithms, on plain f32 slices: power-of-two (PoT) codes,
+//! INT codes with zero-points, Step 1's grid search of the PoT scale, GPTQ's error feedback for
+//! any of those quantizers, and the dense bit packing of checkpoints.
+
+pub mod gptq;
+pub mod int;
+pub mod pack;
+pub mod pot;
+pub mod qtensor;
+pub mod step1;
+
+pub use gptq::{gptq, GptqOptions, Hessian};
+pub use qtensor::{check_bits, quantize_pot_step1, quantize_rtn, Format, GroupLayout, QTensor};
+pub use step1::Grid;
