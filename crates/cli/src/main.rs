@@ -5,6 +5,8 @@ mod common;
 mod eval;
 mod generate;
 mod inspect;
+mod quantize;
+mod report;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,8 @@ enum Command {
     Eval(eval::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Quantize with several methods and bit widths; evaluate, save and report them side by side.
+    Quantize(quantize::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -2,6 +2,7 @@
 //! forward, perplexity and generation.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod generate;
@@ -11,6 +12,7 @@ pub mod llama;
 pub mod perplexity;
 pub mod tokenizer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -43,6 +45,8 @@ pub struct LoadedModel {
     pub tokenizer: Option<Tokenizer>,
     /// Tokens that end generation.
     pub eos_ids: Vec<u32>,
+    /// For a potptq checkpoint: its quantization and the quantized linears as stored.
+    pub quantized: Option<(checkpoint::QuantConfig, HashMap<String, potptq_quant::QTensor>)>,
 }
 
 impl LoadedModel {
@@ -64,6 +68,7 @@ fn format_of(path: &Path) -> Result<Format> {
 /// Loads a GGUF file or a Hugging Face directory; weights become f32 on the CPU.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let format = format_of(path)?;
+    let mut quantized = None;
     let (model, tokenizer, eos_ids) = match format {
         Format::Gguf => {
             let mut gguf = gguf::GgufFile::open(path)?;
@@ -76,13 +81,20 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         Format::HuggingFace => {
             let config = hf::read_config(path)?;
             let eos_ids = hf::read_eos_ids(path);
-            let tensors = hf::read_tensors(path)?;
+            let tensors = match checkpoint::read_quant_config(path)? {
+                Some(qc) => {
+                    let loaded = checkpoint::load(path, &config, &qc)?;
+                    quantized = Some((qc, loaded.quantized));
+                    loaded.tensors
+                }
+                None => hf::read_tensors(path)?,
+            };
             let tok_path = path.join("tokenizer.json");
             let tokenizer = if tok_path.exists() { Some(tokenizer::from_file(&tok_path)?) } else { None };
             (Model::from_tensors(config, tensors)?, tokenizer, eos_ids)
         }
     };
-    Ok(LoadedModel { path: path.to_path_buf(), format, model, tokenizer, eos_ids })
+    Ok(LoadedModel { path: path.to_path_buf(), format, model, tokenizer, eos_ids, quantized })
 }
 
 /// Config and stored tensors without dequantizing anything.

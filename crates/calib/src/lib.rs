@@ -1,0 +1,8 @@
+//! Quantizing a whole model: calibration data, the methods, and the block-by-block pipeline.
+
+pub mod blockwise;
+pub mod methods;
+pub mod segments;
+
+pub use blockwise::{quantize_model, QuantizeOptions, QuantizedModel};
+pub use methods::Method;
