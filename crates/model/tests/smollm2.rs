@@ -61,3 +61,23 @@ fn greedy_generation_is_english() {
     assert!(text.contains("Paris"), "{text:?}");
     assert!(stats.generated_tokens >= 2);
 }
+
+/// Token ids equal those of an independent tokenizer (transformers' GGUF reader, made by
+/// `tests/fixtures/make_tokenizer_fixture.py`) on Brown test text and on tricky strings.
+#[test]
+fn tokenizer_matches_the_reference() {
+    let m = smollm2();
+    let tok = m.tokenizer().unwrap();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2_brown_tokens.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let text = fixture["text"].as_str().unwrap();
+    assert!(text.len() > 4000);
+    assert_eq!(encode(tok, text).unwrap(), ids(&fixture["ids"]), "Brown test text");
+    for case in fixture["cases"].as_array().unwrap() {
+        let t = case["text"].as_str().unwrap();
+        assert_eq!(encode(tok, t).unwrap(), ids(&case["ids"]), "{t:?}");
+    }
+    // Decoding gives the text back.
+    assert_eq!(decode(tok, &ids(&fixture["ids"])).unwrap(), text);
+}
