@@ -3,7 +3,7 @@
 //! Data-free methods quantize each linear from its weights alone. Methods that use data follow
 //! GPTQ's sequential recipe: the calibration segments are embedded once; for each block, the
 //! inputs of its linears are captured (q/k/v, then o, then gate/up, then down, each stage seeing
-//! the already-quantized stages before it), a Hessian is built from them, the linears are
+//! the already-quantized stages before it, the block run only as far as the stage), a Hessian is built from them, the linears are
 //! quantized, and the quantized block produces the next block's inputs. Memory holds one
 //! block's activations, never the whole model's.
 
@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use potptq_model::checkpoint::through_f16;
-use potptq_model::llama::{Block, Model};
+use potptq_model::llama::{Block, Model, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
 use potptq_quant::{gptq, quantize_pot_step1, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
 
@@ -52,14 +52,6 @@ impl QuantizedModel {
         bits / weights
     }
 }
-
-/// Stages of a block whose linears share one input, in the order the block uses them.
-const STAGES: [&[&str]; 4] = [
-    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    &["self_attn.o_proj"],
-    &["mlp.gate_proj", "mlp.up_proj"],
-    &["mlp.down_proj"],
-];
 
 fn weight_of(block: &Block, linear: &str) -> Result<Vec<f32>> {
     Ok(block.linear(linear).context("block linear")?.weight.flatten_all()?.to_vec1::<f32>()?)
@@ -117,7 +109,7 @@ pub fn quantize_model(
         let mut block = model.blocks[i].clone();
         match activations.as_mut() {
             None => {
-                for linear in STAGES.concat() {
+                for linear in BLOCK_LINEARS {
                     let name = format!("model.layers.{i}.{linear}");
                     let (rows, cols) = cfg.linear_shape(linear);
                     let layout = GroupLayout::new(rows, cols, opts.group_size)?;
@@ -127,9 +119,9 @@ pub fn quantize_model(
                 }
             }
             Some(xs) => {
-                for stage in STAGES {
-                    let hessian = stage_hessian(&block, &cfg, &model, xs, stage[0])?;
-                    for linear in stage {
+                for stage in Stage::ALL {
+                    let hessian = stage_hessian(&block, &cfg, &model, xs, stage)?;
+                    for linear in stage.linears() {
                         let name = format!("model.layers.{i}.{linear}");
                         let (rows, cols) = cfg.linear_shape(linear);
                         let layout = GroupLayout::new(rows, cols, opts.group_size)?;
@@ -150,13 +142,13 @@ pub fn quantize_model(
     Ok(QuantizedModel { model, tensors, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// The Hessian of `linear`'s input over all calibration batches, through `block` as it is now.
-fn stage_hessian(block: &Block, cfg: &Config, model: &Model, xs: &[Tensor], linear: &str) -> Result<Hessian> {
-    let cols = cfg.linear_shape(linear).1;
+/// The Hessian of `stage`'s input over all calibration batches, through `block` as it is now
+/// (its earlier stages already quantized).
+fn stage_hessian(block: &Block, cfg: &Config, model: &Model, xs: &[Tensor], stage: Stage) -> Result<Hessian> {
+    let cols = cfg.linear_shape(stage.linears()[0]).1;
     let mut h = Hessian::new(cols);
     for x in xs {
-        let (_, inputs) = block.forward_traced(cfg, &model.rope, x)?;
-        let input = inputs.of(linear).context("captured input")?;
+        let input = block.stage_input(cfg, &model.rope, x, stage)?;
         let v = input.flatten_all()?.to_vec1::<f32>()?;
         h.add(&v, v.len() / cols);
     }

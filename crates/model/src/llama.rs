@@ -87,26 +87,28 @@ impl Block {
     }
 }
 
-/// Inputs of a block's linear layers (`[batch, seq, in]`), recorded by
-/// [`Block::forward_traced`]: what GPTQ's Hessians are built from.
-#[derive(Debug, Default)]
-pub struct LinearInputs {
-    /// Shared by q/k/v.
-    pub qkv: Option<Tensor>,
-    pub o: Option<Tensor>,
-    /// Shared by gate/up.
-    pub gate_up: Option<Tensor>,
-    pub down: Option<Tensor>,
+/// The points of a block where its linear layers read their input, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The normed residual read by q/k/v.
+    Qkv,
+    /// The attention heads' output read by o.
+    O,
+    /// The normed residual read by gate/up.
+    GateUp,
+    /// The gated activation read by down.
+    Down,
 }
 
-impl LinearInputs {
-    pub fn of(&self, linear: &str) -> Option<&Tensor> {
-        match linear {
-            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => self.qkv.as_ref(),
-            "self_attn.o_proj" => self.o.as_ref(),
-            "mlp.gate_proj" | "mlp.up_proj" => self.gate_up.as_ref(),
-            "mlp.down_proj" => self.down.as_ref(),
-            _ => None,
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Qkv, Stage::O, Stage::GateUp, Stage::Down];
+
+    pub fn linears(self) -> &'static [&'static str] {
+        match self {
+            Stage::Qkv => &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            Stage::O => &["self_attn.o_proj"],
+            Stage::GateUp => &["mlp.gate_proj", "mlp.up_proj"],
+            Stage::Down => &["mlp.down_proj"],
         }
     }
 }
@@ -201,11 +203,10 @@ impl Block {
         self.forward_inner(cfg, rope, x, pos, cache, None)
     }
 
-    /// A full-sequence forward that also returns the input of every linear layer.
-    pub fn forward_traced(&self, cfg: &Config, rope: &Rope, x: &Tensor) -> Result<(Tensor, LinearInputs)> {
-        let mut inputs = LinearInputs::default();
-        let out = self.forward_inner(cfg, rope, x, 0, None, Some(&mut inputs))?;
-        Ok((out, inputs))
+    /// The input of `stage`'s linears for a full sequence `x`; the block runs only as far as
+    /// that point.
+    pub fn stage_input(&self, cfg: &Config, rope: &Rope, x: &Tensor, stage: Stage) -> Result<Tensor> {
+        self.forward_inner(cfg, rope, x, 0, None, Some(stage))
     }
 
     fn forward_inner(
@@ -215,24 +216,27 @@ impl Block {
         x: &Tensor,
         pos: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mut trace: Option<&mut LinearInputs>,
+        stop: Option<Stage>,
     ) -> Result<Tensor> {
-        let mut record = |slot: fn(&mut LinearInputs) -> &mut Option<Tensor>, t: &Tensor| {
-            if let Some(tr) = trace.as_deref_mut() {
-                *slot(tr) = Some(t.clone());
-            }
-        };
         let h = rms_norm(x, &self.attn_norm, cfg.rms_norm_eps)?;
-        record(|t| &mut t.qkv, &h);
+        if stop == Some(Stage::Qkv) {
+            return Ok(h);
+        }
         let heads_out = self.attention(cfg, rope, &h, pos, cache)?;
-        record(|t| &mut t.o, &heads_out);
+        if stop == Some(Stage::O) {
+            return Ok(heads_out);
+        }
         let x = (x + self.o_proj.forward(&heads_out)?)?;
         let h = rms_norm(&x, &self.mlp_norm, cfg.rms_norm_eps)?;
-        record(|t| &mut t.gate_up, &h);
+        if stop == Some(Stage::GateUp) {
+            return Ok(h);
+        }
         let gate = self.gate_proj.forward(&h)?.silu()?;
         let up = self.up_proj.forward(&h)?;
         let act = (gate * up)?;
-        record(|t| &mut t.down, &act);
+        if stop == Some(Stage::Down) {
+            return Ok(act);
+        }
         Ok((x + self.down_proj.forward(&act)?)?)
     }
 
