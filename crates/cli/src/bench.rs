@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Subcommand;
 use potptq_model::{Config, Model};
@@ -15,6 +15,27 @@ use crate::common::{model_path, print_json};
 pub enum Bench {
     /// Evaluation forward pass: tokens/s and GFLOP/s against a bare f32 matmul of the same shapes.
     Forward(ForwardArgs),
+    /// Step 1 weights/s against PoT-RTN, and GPTQ seconds per layer, on SmolLM2 and Llama-7B shapes.
+    Quant(QuantArgs),
+}
+
+#[derive(clap::Args)]
+pub struct QuantArgs {
+    /// Layer shapes as OUTxIN.
+    #[arg(long, value_delimiter = ',', default_value = "576x576,1536x576,576x1536,4096x4096,11008x4096")]
+    shapes: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    bits: u8,
+    #[arg(long, default_value_t = 128)]
+    group_size: usize,
+    /// Timed repetitions of the data-free quantizers (median reported); GPTQ runs once.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Skip GPTQ (it dominates the run time on the large shapes).
+    #[arg(long)]
+    no_gptq: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -35,6 +56,7 @@ pub struct ForwardArgs {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Forward(a) => forward(a),
+        Bench::Quant(a) => quant(a),
     }
 }
 
@@ -122,6 +144,85 @@ fn forward(args: ForwardArgs) -> Result<()> {
     }
     if args.json {
         print_json(&json!({ "bench": "forward", "model": path.display().to_string(), "threads": threads, "reps": args.reps, "results": rows }));
+    }
+    Ok(())
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (o, i) = s.split_once('x').with_context(|| format!("shape `{s}` is not OUTxIN"))?;
+    Ok((o.trim().parse().with_context(|| format!("shape `{s}`"))?, i.trim().parse().with_context(|| format!("shape `{s}`"))?))
+}
+
+/// Deterministic Gaussian-ish weights (sum of uniforms), std ≈ 0.02.
+fn synthetic(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    };
+    (0..n).map(|_| ((0..4).map(|_| next()).sum::<f32>() - 2.0) * 0.035).collect()
+}
+
+fn quant(args: QuantArgs) -> Result<()> {
+    use potptq_quant::{gptq, quantize_pot_step1, quantize_rtn, Format, GptqOptions, Grid, GroupLayout, Hessian};
+    let grid = Grid::default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("bits {}  group {}  grid {}..{} × {} points  ({} threads)", args.bits, args.group_size, grid.lo, grid.hi, grid.points, threads);
+    println!("{:>12} {:>16} {:>16} {:>8} {:>12} {:>12}", "shape", "step1 Mw/s", "pot-rtn Mw/s", "ratio", "gptq-int s", "pot-gptq s");
+    let mut rows = Vec::new();
+    for spec in &args.shapes {
+        let (out, inp) = parse_shape(spec)?;
+        let layout = GroupLayout::new(out, inp, args.group_size)?;
+        let w = synthetic(out * inp, (out * 31 + inp) as u64);
+        let n = (out * inp) as f64;
+        let s1 = time_median(args.reps, || quantize_pot_step1("bench", &w, layout, args.bits, &grid).map(|_| ()))?;
+        let rtn = time_median(args.reps, || quantize_rtn("bench", &w, layout, Format::Pot, args.bits).map(|_| ()))?;
+        let (mut g_int, mut g_pot) = (None, None);
+        if !args.no_gptq {
+            // A Hessian from correlated synthetic inputs: 2048 tokens mixing 64 latent factors.
+            let tokens = 2048;
+            let z = synthetic(tokens * 64, 7);
+            let mix = synthetic(64 * inp, 8);
+            let mut x = vec![0f32; tokens * inp];
+            for t in 0..tokens {
+                for f in 0..64 {
+                    let zf = z[t * 64 + f];
+                    x[t * inp..(t + 1) * inp].iter_mut().zip(&mix[f * inp..(f + 1) * inp]).for_each(|(a, m)| *a += zf * m);
+                }
+            }
+            let mut h = Hessian::new(inp);
+            h.add(&x, tokens);
+            let opts = GptqOptions::default();
+            let t = Instant::now();
+            gptq("bench", &w, layout, &h, Format::IntAsym, args.bits, &grid, &opts)?;
+            g_int = Some(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            gptq("bench", &w, layout, &h, Format::Pot, args.bits, &grid, &opts)?;
+            g_pot = Some(t.elapsed().as_secs_f64());
+        }
+        let fmt = |v: Option<f64>| v.map_or("—".to_string(), |s| format!("{s:.2}"));
+        println!(
+            "{:>12} {:>16.1} {:>16.1} {:>8.3} {:>12} {:>12}",
+            spec,
+            n / s1 / 1e6,
+            n / rtn / 1e6,
+            rtn / s1,
+            fmt(g_int),
+            fmt(g_pot)
+        );
+        rows.push(json!({
+            "shape": [out, inp],
+            "step1_weights_per_s": n / s1,
+            "pot_rtn_weights_per_s": n / rtn,
+            "step1_over_pot_rtn_speed": rtn / s1,
+            "gptq_int_seconds": g_int,
+            "pot_gptq_seconds": g_pot,
+        }));
+    }
+    if args.json {
+        print_json(&json!({ "bench": "quant", "bits": args.bits, "group_size": args.group_size, "threads": threads, "results": rows }));
     }
     Ok(())
 }

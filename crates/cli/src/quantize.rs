@@ -220,6 +220,10 @@ pub fn run(args: Args) -> Result<()> {
     let settings = serde_json::to_value(&settings)?;
     let table = report::markdown_table(&rows);
     report::write(&args.out, &settings, &rows, &table)?;
+    let title = format!("{} — {} (G = {})", path.file_name().map_or("model".into(), |n| n.to_string_lossy()), text.name, args.group_size);
+    if let Err(e) = report::plot(&args.out.join("report.png"), &rows, &title) {
+        eprintln!("warning: report.png not written: {e:#}");
+    }
     println!("{table}");
     println!("report: {}", args.out.join("report.md").display());
     if args.json {

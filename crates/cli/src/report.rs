@@ -72,3 +72,100 @@ pub fn write(dir: &Path, settings: &serde_json::Value, rows: &[Row], table: &str
         Ok(())
     })
 }
+
+/// Fonts tried, in order, for the plot's text (plotters draws text with a font it is given).
+const FONT_FILES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+fn register_font() -> Result<()> {
+    use std::sync::OnceLock;
+    static FONT: OnceLock<Option<&'static [u8]>> = OnceLock::new();
+    let font = FONT.get_or_init(|| {
+        let mut candidates: Vec<String> = std::env::var("POTPTQ_FONT").ok().into_iter().collect();
+        candidates.extend(FONT_FILES.iter().map(|s| s.to_string()));
+        let bytes = candidates.iter().find_map(|p| std::fs::read(p).ok())?;
+        Some(&*Box::leak(bytes.into_boxed_slice()))
+    });
+    match font {
+        Some(bytes) => {
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+                .map_err(|_| anyhow::anyhow!("the font file is not a usable TrueType font"))?;
+            Ok(())
+        }
+        None => anyhow::bail!("no TrueType font found (install fonts-dejavu-core or set POTPTQ_FONT)"),
+    }
+}
+
+/// `report.png`: perplexity by bit width, one line per method, log scale, FP as a line.
+pub fn plot(path: &Path, rows: &[Row], title: &str) -> Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
+    let fp = rows.iter().find(|r| r.method == "fp").map(|r| r.ppl);
+    let quant: Vec<&Row> = rows.iter().filter(|r| r.bits.is_some()).collect();
+    if quant.is_empty() {
+        return Ok(());
+    }
+    let bits: Vec<u8> = quant.iter().filter_map(|r| r.bits).collect();
+    let (bmin, bmax) = (*bits.iter().min().unwrap() as f64, *bits.iter().max().unwrap() as f64);
+    let ppls: Vec<f64> = quant.iter().map(|r| r.ppl).chain(fp).filter(|p| p.is_finite() && *p > 0.0).collect();
+    let (pmin, pmax) = ppls.iter().fold((f64::MAX, f64::MIN), |(a, b), &p| (a.min(p), b.max(p)));
+    // The encoder picks the format from the extension: keep `.png` on the temporary name.
+    let tmp = path.with_extension("partial.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d((bmin - 0.3)..(bmax + 0.3), (pmin * 0.8..pmax * 1.25).log_scale())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("bits per weight (codes)")
+            .y_desc("perplexity (log scale)")
+            .x_labels(((bmax - bmin) as usize + 1).max(2))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| if *y >= 1e4 { format!("{y:.0e}") } else { format!("{y:.0}") })
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut methods: Vec<&str> = quant.iter().map(|r| r.method.as_str()).collect();
+        methods.dedup();
+        methods.sort();
+        methods.dedup();
+        for (i, m) in methods.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let mut pts: Vec<(f64, f64)> = quant.iter().filter(|r| r.method == *m).map(|r| (r.bits.unwrap() as f64, r.ppl)).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(m.to_string())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(fp) = fp {
+            chart
+                .draw_series(LineSeries::new(vec![(bmin - 0.3, fp), (bmax + 0.3, fp)], BLACK.stroke_width(1)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label("fp")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
