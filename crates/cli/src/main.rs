@@ -3,6 +3,7 @@
 mod bench;
 mod common;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod quantize;
@@ -29,6 +30,8 @@ enum Command {
     Generate(generate::Args),
     /// Quantize with several methods and bit widths; evaluate, save and report them side by side.
     Quantize(quantize::Args),
+    /// Write a model in another form (`--dequantized`: f16 safetensors for transformers).
+    Export(export::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -236,3 +236,16 @@ fn unsupported_pre_tokenizer() {
     let model = tiny_gguf_with_pre(tmp.path(), "tekken");
     fails_with(&["generate", "--model", s(&model), "--prompt", "hi"], "unsupported tokenizer pre-tokenizer `tekken`");
 }
+
+#[test]
+fn export_refuses_bad_settings_and_writes_a_loadable_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(tmp.path());
+    let out = tmp.path().join("exported");
+    fails_with(&["export", "--model", s(&model), "--out", s(&out)], "only --dequantized export is available");
+    let ok = potptq(&["export", "--model", s(&model), "--out", s(&out), "--dequantized"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    fails_with(&["export", "--model", s(&model), "--out", s(&out), "--dequantized"], "already exists (pass --force to replace it)");
+    let insp = potptq(&["inspect", "--model", s(&out), "--json"]);
+    assert!(insp.status.success(), "{}", String::from_utf8_lossy(&insp.stderr));
+}

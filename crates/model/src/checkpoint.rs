@@ -150,6 +150,17 @@ pub fn save(
     config["torch_dtype"] = "float16".into();
     config["quantization_config"] = serde_json::to_value(qconfig)?;
 
+    write_model_dir(dir, &entries, &config, tokenizer, extra_files)
+}
+
+/// Assembles a model directory beside `dir` and renames it into place (replacing `dir`).
+fn write_model_dir(
+    dir: &Path,
+    entries: &[(String, Entry)],
+    config: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+    extra_files: &[(&str, &[u8])],
+) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let name = dir.file_name().context("output path has no name")?.to_string_lossy().to_string();
@@ -162,7 +173,7 @@ pub fn save(
         let refs: Vec<(&str, &Entry)> = entries.iter().map(|(n, e)| (n.as_str(), e)).collect();
         safetensors::serialize_to_file(refs, None, &staging.join("model.safetensors"))
             .map_err(|e| anyhow::anyhow!("cannot write safetensors: {e}"))?;
-        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(config)?)?;
         if let Some(t) = tokenizer {
             t.save(staging.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
         }
@@ -173,7 +184,7 @@ pub fn save(
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
-        return Err(e.context(format!("cannot write checkpoint {}", dir.display())));
+        return Err(e.context(format!("cannot write {}", dir.display())));
     }
     if dir.exists() {
         let old = parent.join(format!(".{name}.old{}", std::process::id()));
@@ -181,9 +192,39 @@ pub fn save(
         std::fs::rename(&staging, dir)?;
         std::fs::remove_dir_all(&old)?;
     } else {
-        std::fs::rename(&staging, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+        std::fs::rename(&staging, dir).with_context(|| format!("cannot move the output into {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Writes `model` as a plain Hugging Face directory that transformers loads: every tensor (the
+/// quantized linears dequantized) in f16, `config.json` without `quantization_config`.
+pub fn export_dequantized(dir: &Path, model: &Model, tokenizer: Option<&Tokenizer>, force: bool) -> Result<()> {
+    if dir.exists() && !force {
+        bail!("output {} already exists (pass --force to replace it)", dir.display());
+    }
+    let mut entries: Vec<(String, Entry)> = vec![
+        ("model.embed_tokens.weight".into(), f32_entry(&model.embed_tokens, true)?),
+        ("model.norm.weight".into(), f32_entry(&model.norm, true)?),
+    ];
+    if let Some(h) = &model.lm_head {
+        entries.push(("lm_head.weight".into(), f32_entry(h, true)?));
+    }
+    for (i, block) in model.blocks.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        entries.push((format!("{p}.input_layernorm.weight"), f32_entry(&block.attn_norm, true)?));
+        entries.push((format!("{p}.post_attention_layernorm.weight"), f32_entry(&block.mlp_norm, true)?));
+        for l in BLOCK_LINEARS {
+            let linear = block.linear(l).expect("block linear");
+            entries.push((format!("{p}.{l}.weight"), f32_entry(&linear.weight, true)?));
+            if let Some(b) = &linear.bias {
+                entries.push((format!("{p}.{l}.bias"), f32_entry(b, true)?));
+            }
+        }
+    }
+    let mut config = model.config.to_hf_json();
+    config["torch_dtype"] = "float16".into();
+    write_model_dir(dir, &entries, &config, tokenizer, &[])
 }
 
 /// `quantization_config` of a directory's config.json, when it is a potptq checkpoint.

@@ -1,0 +1,60 @@
+//! Times Step 1 and GPTQ on LLaMA-like layer shapes: `cargo run --release -p potptq-quant --example timing`.
+use std::time::Instant;
+
+use potptq_quant::{gptq, quantize_pot_step1, quantize_rtn, Format, GptqOptions, Grid, GroupLayout, Hessian};
+
+fn synthetic(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    };
+    (0..n).map(|_| ((0..4).map(|_| next()).sum::<f32>() - 2.0) * 0.035).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let shapes: Vec<(usize, usize)> = if args.is_empty() {
+        vec![(576, 576), (1536, 576), (4096, 4096)]
+    } else {
+        args.iter().map(|s| { let (a, b) = s.split_once('x').unwrap(); (a.parse().unwrap(), b.parse().unwrap()) }).collect()
+    };
+    let grid = Grid::default();
+    for (rows, cols) in shapes {
+        let layout = GroupLayout::new(rows, cols, 128)?;
+        let w = synthetic(rows * cols, (rows * 31 + cols) as u64);
+        let n = (rows * cols) as f64;
+        for bits in [2u8, 3, 4] {
+            let t = Instant::now();
+            quantize_pot_step1("t", &w, layout, bits, &grid)?;
+            let s1 = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            quantize_rtn("t", &w, layout, Format::Pot, bits)?;
+            let rtn = t.elapsed().as_secs_f64();
+            println!("{rows}x{cols} bits {bits}: step1 {:.1} Mw/s ({s1:.3}s), pot-rtn {:.1} Mw/s", n / s1 / 1e6, n / rtn / 1e6);
+        }
+        let tokens = 2048;
+        let z = synthetic(tokens * 64, 7);
+        let mix = synthetic(64 * cols, 8);
+        let mut x = vec![0f32; tokens * cols];
+        for t in 0..tokens {
+            for f in 0..64 {
+                let zf = z[t * 64 + f];
+                x[t * cols..(t + 1) * cols].iter_mut().zip(&mix[f * cols..(f + 1) * cols]).for_each(|(a, m)| *a += zf * m);
+            }
+        }
+        let t = Instant::now();
+        let mut h = Hessian::new(cols);
+        h.add(&x, tokens);
+        println!("{rows}x{cols}: hessian of {tokens} tokens {:.3}s", t.elapsed().as_secs_f64());
+        for (format, act_order) in [(Format::IntAsym, false), (Format::Pot, false), (Format::Pot, true)] {
+            let opts = GptqOptions { act_order, ..Default::default() };
+            let t = Instant::now();
+            gptq("t", &w, layout, &h, format, 3, &grid, &opts)?;
+            println!("{rows}x{cols}: gptq {format:?} 3-bit act_order={act_order} {:.2}s", t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
