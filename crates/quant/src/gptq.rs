@@ -1,25 +1,36 @@
-//! GPTQ: quantize a layer column by column, feeding each column's error back into the columns
-//! not yet quantized, weighted by the inverse Hessian of the layer's input (Frantar et al.).
+//! GPTQ (Frantar et al.): quantize a layer column by column, feeding each column's error back
+//! into the columns not yet quantized, weighted by the inverse Hessian of the layer's input.
 //! Generic over the quantizer: INT min-max (the baseline) or PoT with Step-1 scales.
 //!
-//! As in the reference implementation: 1% dampening of the mean diagonal, dead inputs zeroed,
-//! the upper Cholesky factor of H⁻¹, lazy batches of `block` columns with one matrix product
-//! per batch for the rest of the row, and each group's scale fixed when its first column is
-//! reached (from the error-updated weights), or up front from the original weights with
-//! act-order ("static groups").
+//! As in the reference implementation: dead inputs (`H_ii = 0`) get `H_ii = 1` and zero
+//! weights; the diagonal is dampened by `damp ·` its mean; the error of column `i` is scaled by
+//! the upper Cholesky factor `U` of `H⁻¹` (`Uᵀ U = H⁻¹`); updates are lazy, one matrix product
+//! per block of columns for the rest of the row. A group's parameters are fixed when its first
+//! column is reached, from the error-updated weights — or, with act-order, up front from the
+//! original weights ("static groups"), since act-order visits a group's columns out of order.
+//!
+//! `gptq` is the fast form (blocked, rows in parallel, faer for the factorizations and the
+//! trailing products); `gptq_reference` is the plain column-by-column loop it must equal.
 
-use anyhow::{bail, ensure, Result};
+use std::ops::Range;
+
+use anyhow::{anyhow, ensure, Result};
+use faer::linalg::matmul::{matmul, triangular};
+use faer::prelude::*;
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Accum, Side};
 use rayon::prelude::*;
 
-use crate::qtensor::{check_bits, pot_f16_scale, Format, GroupLayout, QTensor};
-use crate::step1::{self, Grid};
-use crate::{int, pot};
+use crate::qtensor::{check_bits, check_input, Format, GroupLayout, QTensor};
+use crate::quantizer::{GroupParams, GroupQuantizer};
+use crate::step1::Grid;
 
-/// `H = 2/N · Σ xᵀx` over the N input rows seen so far.
+/// `H = 2/N · Σ x xᵀ` over the N input rows (tokens) seen so far.
 #[derive(Debug, Clone)]
 pub struct Hessian {
     pub cols: usize,
     pub samples: usize,
+    /// `Σ x xᵀ`, lower triangle only (row-major, `i ≥ j`), summed in f64 across calls.
     sum: Vec<f64>,
 }
 
@@ -31,42 +42,60 @@ impl Hessian {
     /// Adds `x`, `[tokens, cols]` row-major.
     pub fn add(&mut self, x: &[f32], tokens: usize) {
         let n = self.cols;
-        assert_eq!(x.len(), tokens * n);
-        // xᵀx in f32 by a fast matmul, accumulated in f64 across calls.
-        let mut xtx = vec![0f32; n * n];
-        // SAFETY: xtx is n×n, x is tokens×n; strides below stay inside both.
-        unsafe {
-            gemm::gemm(
-                n, n, tokens,
-                xtx.as_mut_ptr(), 1, n as isize, false,
-                x.as_ptr(), n as isize, 1, // lhs = xᵀ: element (i, p) at x[p*n + i]
-                x.as_ptr(), 1, n as isize, // rhs = x:  element (p, j) at x[p*n + j]
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::Rayon(0),
-            );
+        assert_eq!(x.len(), tokens * n, "Hessian::add: {} values for [{tokens}, {n}]", x.len());
+        if tokens == 0 {
+            return;
         }
-        self.sum.iter_mut().zip(&xtx).for_each(|(s, v)| *s += *v as f64);
+        // xᵀx in f32 by faer (only the lower triangle: it is symmetric), then into the f64 sum.
+        let x = MatRef::from_row_major_slice(x, tokens, n);
+        let mut xtx = Mat::<f32>::zeros(n, n);
+        triangular::matmul(
+            xtx.as_mut(),
+            triangular::BlockStructure::TriangularLower,
+            Accum::Replace,
+            x.transpose(),
+            triangular::BlockStructure::Rectangular,
+            x,
+            triangular::BlockStructure::Rectangular,
+            1.0f32,
+            Par::rayon(0),
+        );
+        self.sum.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            for (j, s) in row[..=i].iter_mut().enumerate() {
+                *s += xtx[(i, j)] as f64;
+            }
+        });
         self.samples += tokens;
     }
 
+    /// The full symmetric `H`, row-major.
     pub fn matrix(&self) -> Vec<f64> {
+        let n = self.cols;
         let k = if self.samples > 0 { 2.0 / self.samples as f64 } else { 0.0 };
-        self.sum.iter().map(|v| v * k).collect()
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let v = self.sum[i * n + j] * k;
+                h[i * n + j] = v;
+                h[j * n + i] = v;
+            }
+        }
+        h
     }
 
     pub fn diag(&self) -> Vec<f32> {
-        let h = self.matrix();
-        (0..self.cols).map(|i| h[i * self.cols + i] as f32).collect()
+        let k = if self.samples > 0 { 2.0 / self.samples as f64 } else { 0.0 };
+        (0..self.cols).map(|i| (self.sum[i * self.cols + i] * k) as f32).collect()
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct GptqOptions {
-    /// Fraction of the mean diagonal added to the diagonal.
+    /// Added to the diagonal, as a fraction of its mean.
     pub damp: f32,
     /// Columns per lazy batch.
     pub block: usize,
-    /// Quantize columns in order of decreasing Hessian diagonal.
+    /// Quantize columns in order of decreasing Hessian diagonal (with static groups).
     pub act_order: bool,
 }
 
@@ -76,108 +105,15 @@ impl Default for GptqOptions {
     }
 }
 
-/// Lower Cholesky factor of the SPD matrix `a` (n×n), in place.
-fn cholesky(a: &mut [f64], n: usize) -> Result<()> {
-    for j in 0..n {
-        let (done, rest) = a.split_at_mut(j * n);
-        let row_j = &mut rest[..n];
-        let d = row_j[j] - row_j[..j].iter().map(|v| v * v).sum::<f64>();
-        if !(d > 0.0) {
-            bail!("Hessian is not positive definite (increase --damp)");
-        }
-        row_j[j] = d.sqrt();
-        let _ = done;
-        let ljj = a[j * n + j];
-        let (head, tail) = a.split_at_mut((j + 1) * n);
-        let row_j = &head[j * n..j * n + j];
-        tail.par_chunks_mut(n).for_each(|row_i| {
-            let s: f64 = row_i[..j].iter().zip(row_j).map(|(x, y)| x * y).sum();
-            row_i[j] = (row_i[j] - s) / ljj;
-        });
-    }
-    // Clear the upper triangle.
-    for i in 0..n {
-        a[i * n + i + 1..(i + 1) * n].iter_mut().for_each(|v| *v = 0.0);
-    }
-    Ok(())
-}
-
-/// `(L Lᵀ)⁻¹` from the lower factor `l`.
-fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
-    // Columns of L⁻¹ by forward substitution, one column per task.
-    let cols: Vec<Vec<f64>> = (0..n)
-        .into_par_iter()
-        .map(|c| {
-            let mut x = vec![0f64; n];
-            x[c] = 1.0 / l[c * n + c];
-            for i in c + 1..n {
-                let s: f64 = (c..i).map(|k| l[i * n + k] * x[k]).sum();
-                x[i] = -s / l[i * n + i];
-            }
-            x
-        })
-        .collect();
-    // inv = L⁻ᵀ L⁻¹: inv[i][j] = Σ_k Linv[k][i] Linv[k][j] = dot(col_i, col_j).
-    let mut inv = vec![0f64; n * n];
-    inv.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for j in 0..n {
-            let from = i.max(j);
-            row[j] = (from..n).map(|k| cols[i][k] * cols[j][k]).sum();
-        }
-    });
-    inv
-}
-
-/// Upper factor `U` of `a = Uᵀ U` (row-major), i.e. the transpose of the lower factor.
-fn upper_cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
-    let mut l = a.to_vec();
-    cholesky(&mut l, n)?;
-    let mut u = vec![0f64; n * n];
-    for i in 0..n {
-        for j in i..n {
-            u[i * n + j] = l[j * n + i];
-        }
-    }
-    Ok(u)
-}
-
-/// A group's quantization parameters and its quantize function.
-#[derive(Clone, Copy)]
-struct GroupParams {
-    scale: f32,
-    zero: u8,
-}
-
-fn group_params(format: Format, bits: u8, grid: &Grid, w: &[f32]) -> (GroupParams, bool) {
-    match format {
-        Format::Pot => {
-            let (scale, clamped) = pot_f16_scale(step1::search_scale(w, bits, grid), bits);
-            (GroupParams { scale, zero: 0 }, clamped)
-        }
-        Format::IntAsym => {
-            let (scale, zero) = int::params_asym(w, bits);
-            (GroupParams { scale, zero }, false)
-        }
-        Format::IntSym => {
-            let (scale, zero) = int::params_sym(w, bits);
-            (GroupParams { scale, zero }, false)
-        }
+impl GptqOptions {
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.damp.is_finite() && self.damp >= 0.0, "GPTQ damp must be a finite value ≥ 0 (got {})", self.damp);
+        ensure!(self.block > 0, "GPTQ block must be at least one column");
+        Ok(())
     }
 }
 
-fn encode(format: Format, bits: u8, p: GroupParams, w: f32) -> (u8, f32) {
-    match format {
-        Format::Pot => {
-            let c = pot::encode(w, p.scale, bits);
-            (c, pot::decode(c, p.scale, bits))
-        }
-        _ => {
-            let c = int::encode(w, p.scale, p.zero, bits);
-            (c, int::decode(c, p.scale, p.zero))
-        }
-    }
-}
-
+/// GPTQ with lazy batches; rows are independent within a batch and run in parallel.
 #[allow(clippy::too_many_arguments)]
 pub fn gptq(
     name: &str,
@@ -189,130 +125,260 @@ pub fn gptq(
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<QTensor> {
-    check_bits(format, bits)?;
-    let (rows, cols) = (layout.rows, layout.cols);
-    ensure!(w.len() == rows * cols, "tensor `{name}`: {} values for [{rows}, {cols}]", w.len());
-    ensure!(hessian.cols == cols, "tensor `{name}`: Hessian of {} columns for {cols}", hessian.cols);
-    ensure!(hessian.samples > 0, "tensor `{name}`: the Hessian has no samples");
-    if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-        bail!("tensor `{name}` contains a non-finite value ({}) at flat index {i}", w[i]);
-    }
-    let gpr = layout.groups_per_row();
-    let mut h = hessian.matrix();
-    // Work on columns: wt[c][r] = W[r][c], so a column's update is a contiguous slice.
-    let mut wt = vec![0f32; cols * rows];
-    for r in 0..rows {
-        for c in 0..cols {
-            wt[c * rows + r] = w[r * cols + c];
-        }
-    }
-    // Dead inputs: the weight does not matter; make H invertible and the weight zero.
-    for c in 0..cols {
-        if h[c * cols + c] == 0.0 {
-            h[c * cols + c] = 1.0;
-            wt[c * rows..(c + 1) * rows].iter_mut().for_each(|v| *v = 0.0);
-        }
-    }
-    // With act-order, group parameters come from the original weights, up front.
-    let mut params: Vec<Option<GroupParams>> = vec![None; rows * gpr];
-    let mut clamped = 0;
-    let order: Vec<usize> = if opts.act_order {
-        for r in 0..rows {
-            for g in 0..gpr {
-                let group: Vec<f32> = layout.group_cols(g).map(|c| wt[c * rows + r]).collect();
-                let (p, cl) = group_params(format, bits, grid, &group);
-                clamped += cl as usize;
-                params[r * gpr + g] = Some(p);
-            }
-        }
-        let mut idx: Vec<usize> = (0..cols).collect();
-        idx.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]));
-        idx
-    } else {
-        (0..cols).collect()
-    };
-    // Permute H to the processing order.
-    let mut hp = vec![0f64; cols * cols];
-    for (i, &oi) in order.iter().enumerate() {
-        for (j, &oj) in order.iter().enumerate() {
-            hp[i * cols + j] = h[oi * cols + oj];
-        }
-    }
-    let mean_diag = (0..cols).map(|i| hp[i * cols + i]).sum::<f64>() / cols as f64;
-    let damp = opts.damp as f64 * mean_diag;
-    (0..cols).for_each(|i| hp[i * cols + i] += damp);
-    let mut l = hp;
-    cholesky(&mut l, cols)?;
-    let hinv = upper_cholesky(&inverse_from_cholesky(&l, cols), cols)?;
-
+    let mut p = Problem::new(name, w, layout, hessian, format, bits, grid, opts)?;
+    let (rows, cols, gpr) = (layout.rows, layout.cols, layout.groups_per_row());
+    let blocks = column_blocks(cols, layout.group_size, opts.block, opts.act_order);
+    let widest = blocks.iter().map(|b| b.len()).max().unwrap_or(0);
+    // err[r, i − block start]: column i's error over U_ii, for the trailing product.
+    let mut err = vec![0f32; rows * widest];
     let mut codes = vec![0u8; rows * cols];
-    let block = opts.block.max(1);
-    let mut start = 0;
-    while start < cols {
-        let end = (start + block).min(cols);
-        // err[i - start][r]: the scaled error of processed column i, for the trailing update.
-        let mut err = vec![0f32; (end - start) * rows];
-        for i in start..end {
-            let c = order[i];
-            // Without act-order, a group's parameters are set when its first column arrives.
-            if !opts.act_order && c % layout.group_size == 0 {
-                let g = c / layout.group_size;
-                for r in 0..rows {
-                    let group: Vec<f32> = layout.group_cols(g).map(|cc| wt[cc * rows + r]).collect();
-                    let (p, cl) = group_params(format, bits, grid, &group);
-                    clamped += cl as usize;
-                    params[r * gpr + g] = Some(p);
-                }
-            }
-            let d = hinv[i * cols + i];
-            let g = c / layout.group_size;
-            let col: Vec<f32> = wt[c * rows..(c + 1) * rows].to_vec();
-            let e = &mut err[(i - start) * rows..(i - start + 1) * rows];
-            for r in 0..rows {
-                let p = params[r * gpr + g].expect("group parameters set before use");
-                let (code, q) = encode(format, bits, p, col[r]);
-                codes[r * cols + c] = code;
-                e[r] = ((col[r] - q) as f64 / d) as f32;
-            }
-            // Feed the error into the rest of this batch.
-            for j in i + 1..end {
-                let hij = hinv[i * cols + j] as f32;
-                let cj = order[j];
-                let target = &mut wt[cj * rows..(cj + 1) * rows];
-                target.iter_mut().zip(e.iter()).for_each(|(t, ev)| *t -= ev * hij);
-            }
-        }
-        // One product for every later column: W[:, j] -= Σ_i err_i · Hinv[i, j].
-        if end < cols {
-            let later: Vec<usize> = order[end..].to_vec();
-            let hrows: Vec<&[f64]> = (start..end).map(|i| &hinv[i * cols..(i + 1) * cols]).collect();
-            // Columns are disjoint slices of `wt`; update them in parallel.
-            let mut slots: Vec<(usize, &mut [f32])> = wt.chunks_mut(rows).enumerate().collect();
-            let mut targets: Vec<(usize, &mut [f32])> = Vec::with_capacity(later.len());
-            let mut position = vec![usize::MAX; cols];
-            for (j, &c) in later.iter().enumerate() {
-                position[c] = j + end;
-            }
-            for (c, slice) in slots.drain(..) {
-                if position[c] != usize::MAX {
-                    targets.push((position[c], slice));
-                }
-            }
-            targets.par_iter_mut().for_each(|(j, target)| {
-                for (k, hrow) in hrows.iter().enumerate() {
-                    let hij = hrow[*j] as f32;
-                    if hij != 0.0 {
-                        let e = &err[k * rows..(k + 1) * rows];
-                        target.iter_mut().zip(e).for_each(|(t, ev)| *t -= ev * hij);
+    for block in blocks {
+        let Problem { w, u, params, order, .. } = &mut p;
+        let (u, order) = (&u[..], &order[..]);
+        w.par_chunks_mut(cols)
+            .zip(codes.par_chunks_mut(cols))
+            .zip(err.par_chunks_mut(widest))
+            .zip(params.par_chunks_mut(gpr))
+            .with_min_len(4)
+            .map_init(
+                || GroupQuantizer::searched(format, bits, grid),
+                |q, (((w_row, code_row), err_row), params_row)| {
+                    for i in block.clone() {
+                        let e = quantize_column(q, layout, order, u, i, w_row, code_row, params_row);
+                        err_row[i - block.start] = e;
+                        // Feedback inside the block, now; the rest of the row waits for the product.
+                        let u_row = &u[i * cols..(i + 1) * cols];
+                        for (wj, uj) in w_row[i + 1..block.end].iter_mut().zip(&u_row[i + 1..block.end]) {
+                            *wj -= e * uj;
+                        }
                     }
-                }
-            });
+                },
+            )
+            .for_each(drop);
+        // W[:, end..] −= Err · U[block, end..]: one product for every later column.
+        if block.end < cols {
+            let rest = cols - block.end;
+            let target = row_major_mut(&mut w[block.end..], rows, rest, cols);
+            let errors = MatRef::from_row_major_slice_with_stride(&err[..], rows, block.len(), widest);
+            let factor = MatRef::from_row_major_slice_with_stride(&u[block.start * cols + block.end..], block.len(), rest, cols);
+            matmul(target, Accum::Add, errors, factor, -1.0f32, Par::rayon(0));
         }
-        start = end;
     }
-    let scales = params.iter().map(|p| p.expect("every group quantized").scale).collect();
-    let zeros = if format.is_int() { params.iter().map(|p| p.unwrap().zero).collect() } else { Vec::new() };
-    Ok(QTensor { format, bits, layout, codes, scales, zeros, clamped_scales: clamped })
+    Ok(p.finish(codes))
+}
+
+/// A row-major view with a row stride. Not faer's `from_row_major_slice_with_stride_mut`:
+/// in faer 0.24.4 it builds a column-major view (strides swapped), so a product written
+/// through it lands outside the slice. The transposed column-major view is the right one.
+fn row_major_mut(slice: &mut [f32], rows: usize, cols: usize, row_stride: usize) -> MatMut<'_, f32> {
+    MatMut::from_column_major_slice_with_stride_mut(slice, cols, rows, row_stride).transpose_mut()
+}
+
+/// The plain algorithm: one column at a time, its feedback applied at once to every later
+/// column. `gptq` computes the same, reordered for speed.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_reference(
+    name: &str,
+    w: &[f32],
+    layout: GroupLayout,
+    hessian: &Hessian,
+    format: Format,
+    bits: u8,
+    grid: &Grid,
+    opts: &GptqOptions,
+) -> Result<QTensor> {
+    let mut p = Problem::new(name, w, layout, hessian, format, bits, grid, opts)?;
+    let (cols, gpr) = (layout.cols, layout.groups_per_row());
+    let mut q = GroupQuantizer::searched(format, bits, grid);
+    let mut codes = vec![0u8; layout.rows * cols];
+    for r in 0..layout.rows {
+        let w_row = &mut p.w[r * cols..(r + 1) * cols];
+        let params_row = &mut p.params[r * gpr..(r + 1) * gpr];
+        for i in 0..cols {
+            let e = quantize_column(&mut q, layout, &p.order, &p.u, i, w_row, &mut codes[r * cols..(r + 1) * cols], params_row);
+            for (wj, uj) in w_row[i + 1..].iter_mut().zip(&p.u[i * cols + i + 1..(i + 1) * cols]) {
+                *wj -= e * uj;
+            }
+        }
+    }
+    Ok(p.finish(codes))
+}
+
+/// Quantizes processing position `i` of one row (fixing its group's parameters first if `i`
+/// opens the group) and returns the error scaled by `1 / U_ii`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn quantize_column(
+    q: &mut GroupQuantizer,
+    layout: GroupLayout,
+    order: &[usize],
+    u: &[f32],
+    i: usize,
+    w_row: &mut [f32],
+    code_row: &mut [u8],
+    params_row: &mut [Option<GroupParams>],
+) -> f32 {
+    let g = order[i] / layout.group_size;
+    let p = match params_row[g] {
+        Some(p) => p,
+        None => {
+            // Without act-order the order is the identity: the group's columns are here, ahead.
+            let p = q.params(&w_row[layout.group_cols(g)]);
+            params_row[g] = Some(p);
+            p
+        }
+    };
+    let x = w_row[i];
+    let code = q.encode(p, x);
+    code_row[i] = code;
+    (x - q.decode(p, code)) / u[i * layout.cols + i]
+}
+
+/// Column blocks for the lazy updates. A group's parameters come from weights that have had
+/// the feedback of every earlier column; a block that ended inside a group would leave the
+/// group's later columns without part of it. So blocks hold whole groups (as many as fit in
+/// `block` columns), and a group wider than `block` opens a block of its own and is cut into
+/// `block`-wide pieces after it. With act-order (static groups) any cut is fine.
+fn column_blocks(cols: usize, group: usize, block: usize, act_order: bool) -> Vec<Range<usize>> {
+    let (span, piece) = if act_order {
+        (block, block)
+    } else if group <= block {
+        let whole = block / group * group;
+        (whole, whole)
+    } else {
+        (group, block)
+    };
+    (0..cols)
+        .step_by(span)
+        .flat_map(|s| {
+            let end = (s + span).min(cols);
+            (s..end).step_by(piece).map(move |b| b..(b + piece).min(end))
+        })
+        .collect()
+}
+
+/// What both loops start from: weights in processing order, `U` in that order, group
+/// parameters (static ones already set).
+struct Problem<'g> {
+    layout: GroupLayout,
+    format: Format,
+    bits: u8,
+    /// Processing position → original column.
+    order: Vec<usize>,
+    /// Row-major `[rows, cols]`, columns in processing order; updated in place.
+    w: Vec<f32>,
+    /// Upper factor of the dampened `H⁻¹`, processing order, row-major.
+    u: Vec<f32>,
+    /// `[rows, groups_per_row]`, by original group index.
+    params: Vec<Option<GroupParams>>,
+    _grid: std::marker::PhantomData<&'g Grid>,
+}
+
+impl<'g> Problem<'g> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &str,
+        w: &[f32],
+        layout: GroupLayout,
+        hessian: &Hessian,
+        format: Format,
+        bits: u8,
+        grid: &'g Grid,
+        opts: &GptqOptions,
+    ) -> Result<Self> {
+        check_bits(format, bits)?;
+        check_input(name, w, layout)?;
+        grid.check()?;
+        opts.check()?;
+        let (rows, cols) = (layout.rows, layout.cols);
+        ensure!(hessian.cols == cols, "tensor `{name}`: Hessian of {} columns for {cols} input features", hessian.cols);
+        ensure!(hessian.samples > 0, "tensor `{name}`: the Hessian has no samples");
+        let mut h = hessian.matrix();
+        ensure!(h.iter().all(|v| v.is_finite()), "tensor `{name}`: the Hessian has non-finite entries (NaN/Inf activations?)");
+        let mut w = w.to_vec();
+
+        // Dead inputs: the weight never matters; make H invertible there and the weight 0.
+        for c in 0..cols {
+            if h[c * cols + c] == 0.0 {
+                h[c * cols + c] = 1.0;
+                (0..rows).for_each(|r| w[r * cols + c] = 0.0);
+            }
+        }
+        let gpr = layout.groups_per_row();
+        let mut params = vec![None; rows * gpr];
+        let order: Vec<usize> = if opts.act_order {
+            // Static groups, from the original (dead-zeroed) weights.
+            params.par_chunks_mut(gpr).zip(w.par_chunks(cols)).for_each_init(
+                || GroupQuantizer::searched(format, bits, grid),
+                |q, (slots, row)| {
+                    for (g, slot) in slots.iter_mut().enumerate() {
+                        *slot = Some(q.params(&row[layout.group_cols(g)]));
+                    }
+                },
+            );
+            let mut order: Vec<usize> = (0..cols).collect();
+            order.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]));
+            order
+        } else {
+            (0..cols).collect()
+        };
+        let (w, h) = if opts.act_order { permute(&w, &h, rows, &order) } else { (w, h) };
+        let u = inverse_hessian_factor(name, h, cols, opts.damp as f64)?;
+        Ok(Self { layout, format, bits, order, w, u, params, _grid: std::marker::PhantomData })
+    }
+
+    /// Codes back in the original column order, with the group parameters.
+    fn finish(self, codes: Vec<u8>) -> QTensor {
+        let cols = self.layout.cols;
+        let mut original = vec![0u8; codes.len()];
+        original.par_chunks_mut(cols).zip(codes.par_chunks(cols)).for_each(|(out, row)| {
+            for (i, &c) in self.order.iter().enumerate() {
+                out[c] = row[i];
+            }
+        });
+        let params = self.params.into_iter().map(|p| p.expect("every group was quantized")).collect();
+        QTensor::assemble(self.format, self.bits, self.layout, original, params)
+    }
+}
+
+/// `W` and `H` with columns (and H's rows) in processing order.
+fn permute(w: &[f32], h: &[f64], rows: usize, order: &[usize]) -> (Vec<f32>, Vec<f64>) {
+    let n = order.len();
+    let mut wp = vec![0f32; rows * n];
+    wp.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        for (i, &c) in order.iter().enumerate() {
+            row[i] = w[r * n + c];
+        }
+    });
+    let mut hp = vec![0f64; n * n];
+    hp.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, &c) in order.iter().enumerate() {
+            row[j] = h[order[i] * n + c];
+        }
+    });
+    (wp, hp)
+}
+
+/// The upper-triangular `U` with `Uᵀ U = (H + λI)⁻¹`, `λ = damp · mean(diag H)`, as f32
+/// row-major. As GPTQ computes it: Cholesky of the dampened H, its inverse from that factor,
+/// then the Cholesky factor of the inverse (`H⁻¹ = L₂ L₂ᵀ`, so `U = L₂ᵀ`). In f64: H of a
+/// layer input is often ill-conditioned, and f64 costs a second or two at 4096 columns.
+fn inverse_hessian_factor(name: &str, mut h: Vec<f64>, n: usize, damp: f64) -> Result<Vec<f32>> {
+    let lambda = damp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+    (0..n).for_each(|i| h[i * n + i] += lambda);
+    let not_pd = |what: &str| anyhow!("tensor `{name}`: {what} is not positive definite (raise the GPTQ damp, now {damp})");
+    let h = MatRef::from_row_major_slice(&h, n, n);
+    let inverse = h.llt(Side::Lower).map_err(|_| not_pd("the dampened Hessian"))?.inverse();
+    let l2 = inverse.llt(Side::Lower).map_err(|_| not_pd("the inverse Hessian"))?;
+    let l2 = l2.L();
+    let mut u = vec![0f32; n * n];
+    // Row i of U is column i of L₂, from the diagonal down.
+    u.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for j in i..n {
+            row[j] = l2[(j, i)] as f32;
+        }
+    });
+    Ok(u)
 }
 
 #[cfg(test)]
@@ -321,99 +387,215 @@ mod tests {
     use crate::qtensor::quantize_rtn;
     use rand::{Rng, SeedableRng};
 
-    /// Inputs with strongly correlated columns (few latent factors), as LLM activations are.
+    /// Inputs with strongly correlated columns (few latent factors) and uneven scales, as LLM
+    /// activations have.
     fn correlated_inputs(tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let factors = 8;
         let mix: Vec<f32> = (0..factors * cols).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        let gain: Vec<f32> = (0..cols).map(|c| if c % 17 == 3 { 8.0 } else { 1.0 }).collect();
         let mut x = vec![0f32; tokens * cols];
         for t in 0..tokens {
             let z: Vec<f32> = (0..factors).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
             for c in 0..cols {
                 let noise = 0.05 * (rng.random::<f32>() - 0.5);
-                x[t * cols + c] = (0..factors).map(|f| z[f] * mix[f * cols + c]).sum::<f32>() + noise;
+                x[t * cols + c] = gain[c] * ((0..factors).map(|f| z[f] * mix[f * cols + c]).sum::<f32>() + noise);
             }
         }
         x
     }
 
+    fn random_weights(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| (rng.random::<f32>() - 0.5) * 0.1).collect()
+    }
+
+    /// `‖(W − Ŵ) Xᵀ‖_F`.
     fn output_error(w: &[f32], wq: &[f32], x: &[f32], rows: usize, cols: usize) -> f64 {
         let tokens = x.len() / cols;
         let mut total = 0.0;
         for t in 0..tokens {
             for r in 0..rows {
-                let d: f32 = (0..cols).map(|c| (w[r * cols + c] - wq[r * cols + c]) * x[t * cols + c]).sum();
-                total += (d as f64).powi(2);
+                let d: f64 = (0..cols).map(|c| ((w[r * cols + c] - wq[r * cols + c]) * x[t * cols + c]) as f64).sum();
+                total += d * d;
             }
         }
         total.sqrt()
     }
 
-    #[test]
-    fn reduces_output_error_against_rtn_for_int_and_pot() {
-        let (rows, cols, tokens) = (24, 160, 512);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let w: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() - 0.5) * 0.1).collect();
-        let x = correlated_inputs(tokens, cols, 2);
+    fn hessian_of(x: &[f32], cols: usize) -> Hessian {
+        let tokens = x.len() / cols;
         let mut h = Hessian::new(cols);
         h.add(&x[..tokens / 2 * cols], tokens / 2);
         h.add(&x[tokens / 2 * cols..], tokens - tokens / 2);
+        h
+    }
+
+    #[test]
+    fn reduces_output_error_against_rtn_for_int_and_pot() {
+        let (rows, cols, tokens) = (24, 160, 512);
+        let w = random_weights(rows * cols, 1);
+        let x = correlated_inputs(tokens, cols, 2);
+        let h = hessian_of(&x, cols);
         let layout = GroupLayout::new(rows, cols, 64).unwrap(); // ragged: 64 + 64 + 32
-        for (format, bits) in [(Format::IntAsym, 3), (Format::Pot, 3), (Format::IntAsym, 2), (Format::Pot, 2)] {
+        let grid = Grid::default();
+        for (format, bits) in [(Format::IntAsym, 3), (Format::IntSym, 4), (Format::Pot, 3), (Format::IntAsym, 2), (Format::Pot, 2), (Format::Pot, 4)] {
+            // PoT's baseline is the stronger one: Step 1 scales without feedback.
+            let baseline = if format == Format::Pot {
+                crate::qtensor::quantize_pot_step1("w", &w, layout, bits, &grid).unwrap()
+            } else {
+                quantize_rtn("w", &w, layout, format, bits).unwrap()
+            };
+            let er = output_error(&w, &baseline.dequantize(), &x, rows, cols);
             for act_order in [false, true] {
                 let opts = GptqOptions { act_order, block: 48, ..Default::default() };
-                let g = gptq("w", &w, layout, &h, format, bits, &Grid::default(), &opts).unwrap();
-                let r = quantize_rtn("w", &w, layout, format, bits).unwrap();
-                let (eg, er) = (output_error(&w, &g.dequantize(), &x, rows, cols), output_error(&w, &r.dequantize(), &x, rows, cols));
-                assert!(eg < 0.8 * er, "{format:?} {bits} act_order={act_order}: GPTQ {eg} vs RTN {er}");
+                let g = gptq("w", &w, layout, &h, format, bits, &grid, &opts).unwrap();
+                let eg = output_error(&w, &g.dequantize(), &x, rows, cols);
+                assert!(eg < 0.5 * er, "{format:?} {bits} act_order={act_order}: GPTQ {eg} vs baseline {er}");
             }
         }
     }
 
     #[test]
-    fn hessian_and_factorizations() {
-        let x = [1.0f32, 2.0, 0.0, 1.0, 3.0, 1.0];
-        let mut h = Hessian::new(2);
-        h.add(&x, 3);
-        let m = h.matrix();
-        // 2/3 · [[10, 5], [5, 6]]
-        let want = [20.0 / 3.0, 10.0 / 3.0, 10.0 / 3.0, 4.0];
-        m.iter().zip(want).for_each(|(a, b)| assert!((a - b).abs() < 1e-9, "{m:?}"));
-        let mut l = m.clone();
-        cholesky(&mut l, 2).unwrap();
-        let inv = inverse_from_cholesky(&l, 2);
-        // m · inv = I
-        for i in 0..2 {
-            for j in 0..2 {
-                let v: f64 = (0..2).map(|k| m[i * 2 + k] * inv[k * 2 + j]).sum();
-                assert!((v - (i == j) as u8 as f64).abs() < 1e-9);
+    fn blocked_equals_the_plain_loop() {
+        let (rows, cols, tokens) = (16, 200, 400);
+        let w = random_weights(rows * cols, 3);
+        let x = correlated_inputs(tokens, cols, 4);
+        let h = hessian_of(&x, cols);
+        let grid = Grid::default();
+        for (format, bits, g) in [(Format::Pot, 3, 64), (Format::IntAsym, 4, 32), (Format::Pot, 2, 200), (Format::IntSym, 3, 96)] {
+            let layout = GroupLayout::new(rows, cols, g).unwrap();
+            for act_order in [false, true] {
+                let opts = |block| GptqOptions { act_order, block, ..Default::default() };
+                let reference = gptq_reference("w", &w, layout, &h, format, bits, &grid, &opts(1)).unwrap();
+                // One block: the same operations in the same order, so the same bits.
+                let one = gptq("w", &w, layout, &h, format, bits, &grid, &opts(1024)).unwrap();
+                assert!(one.codes == reference.codes, "{format:?} {bits} g{g} act_order={act_order}");
+                assert_eq!(one.scales, reference.scales);
+                // Lazy blocks sum the feedback in another order: rare near-tie codes may flip.
+                for block in [16, 48, 128] {
+                    let fast = gptq("w", &w, layout, &h, format, bits, &grid, &opts(block)).unwrap();
+                    let same = fast.codes.iter().zip(&reference.codes).filter(|(a, b)| a == b).count();
+                    assert!(same as f64 >= 0.99 * reference.codes.len() as f64, "{format:?} {bits} g{g} block {block}: {same} equal codes");
+                    let (ef, er) = (output_error(&w, &fast.dequantize(), &x, rows, cols), output_error(&w, &reference.dequantize(), &x, rows, cols));
+                    assert!((ef - er).abs() <= 0.02 * er, "{format:?} {bits} g{g} block {block}: {ef} vs {er}");
+                }
             }
         }
-        let u = upper_cholesky(&inv, 2).unwrap();
-        assert_eq!(u[2], 0.0);
-        let utu: Vec<f64> = (0..4).map(|ij| (0..2).map(|k| u[k * 2 + ij / 2] * u[k * 2 + ij % 2]).sum()).collect();
-        utu.iter().zip(&inv).for_each(|(a, b)| assert!((a - b).abs() < 1e-9));
+    }
+
+    /// The trailing product writes exactly the later columns, through the strided view.
+    #[test]
+    fn row_major_view_stays_inside_its_slice() {
+        let (rows, cols, start, end) = (5, 12, 2, 5);
+        let mut w: Vec<f32> = (0..rows * cols + 4).map(|i| i as f32).collect();
+        let err: Vec<f32> = (0..rows * 3).map(|i| (i % 4) as f32).collect();
+        let u: Vec<f32> = (0..cols * cols).map(|i| (i % 5) as f32).collect();
+        let mut want = w.clone();
+        for r in 0..rows {
+            for j in end..cols {
+                want[r * cols + j] -= (0..3).map(|k| err[r * 3 + k] * u[(start + k) * cols + j]).sum::<f32>();
+            }
+        }
+        let (body, _guard) = w.split_at_mut(rows * cols);
+        let target = row_major_mut(&mut body[end..], rows, cols - end, cols);
+        let errors = MatRef::from_row_major_slice_with_stride(&err[..], rows, 3, 3);
+        let factor = MatRef::from_row_major_slice_with_stride(&u[start * cols + end..], 3, cols - end, cols);
+        matmul(target, Accum::Add, errors, factor, -1.0f32, Par::Seq);
+        assert_eq!(w, want);
+    }
+
+    #[test]
+    fn blocks_hold_whole_groups() {
+        assert_eq!(column_blocks(576, 128, 128, false), vec![0..128, 128..256, 256..384, 384..512, 512..576]);
+        assert_eq!(column_blocks(200, 32, 128, false), vec![0..128, 128..200]);
+        assert_eq!(column_blocks(200, 96, 128, false), vec![0..96, 96..192, 192..200]);
+        assert_eq!(column_blocks(300, 256, 128, false), vec![0..128, 128..256, 256..300]);
+        assert_eq!(column_blocks(300, 200, 128, false), vec![0..128, 128..200, 200..300]);
+        assert_eq!(column_blocks(300, 200, 128, true), vec![0..128, 128..256, 256..300]);
+    }
+
+    #[test]
+    fn hessian_and_factor_against_plain_math() {
+        let (tokens, n) = (50, 24);
+        let x = correlated_inputs(tokens, n, 5);
+        let mut h = Hessian::new(n);
+        h.add(&x[..20 * n], 20);
+        h.add(&x[20 * n..], tokens - 20);
+        h.add(&[], 0);
+        assert_eq!(h.samples, tokens);
+        let m = h.matrix();
+        for i in 0..n {
+            for j in 0..n {
+                let plain: f64 = (0..tokens).map(|t| x[t * n + i] as f64 * x[t * n + j] as f64).sum::<f64>() * 2.0 / tokens as f64;
+                assert!((m[i * n + j] - plain).abs() <= 1e-5 * plain.abs().max(1.0), "H[{i},{j}] {} vs {plain}", m[i * n + j]);
+            }
+            assert_eq!(h.diag()[i], m[i * n + i] as f32);
+        }
+        // Uᵀ U = (H + λI)⁻¹: check (H + λI) · Uᵀ U = I, and U upper with a positive diagonal.
+        let damp = 0.01;
+        let u = inverse_hessian_factor("h", m.clone(), n, damp).unwrap();
+        let lambda = damp * (0..n).map(|i| m[i * n + i]).sum::<f64>() / n as f64;
+        let inv: Vec<f64> = (0..n * n)
+            .map(|ij| (0..n).map(|k| u[k * n + ij / n] as f64 * u[k * n + ij % n] as f64).sum())
+            .collect();
+        for i in 0..n {
+            assert!(u[i * n + i] > 0.0);
+            for j in 0..i {
+                assert_eq!(u[i * n + j], 0.0);
+            }
+            for j in 0..n {
+                let v: f64 = (0..n).map(|k| (m[i * n + k] + if i == k { lambda } else { 0.0 }) * inv[k * n + j]).sum();
+                assert!((v - (i == j) as u8 as f64).abs() < 1e-4, "({i},{j}) = {v}");
+            }
+        }
     }
 
     #[test]
     fn dead_inputs_and_bad_input() {
         let (rows, cols) = (4, 32);
-        let w = vec![0.1f32; rows * cols];
-        let mut x = vec![1.0f32; 8 * cols];
-        for t in 0..8 {
+        let w = random_weights(rows * cols, 6);
+        let mut x = correlated_inputs(64, cols, 7);
+        for t in 0..64 {
             x[t * cols + 5] = 0.0; // column 5 never active
-            x[t * cols + (t % 7)] += t as f32;
         }
-        let mut h = Hessian::new(cols);
-        h.add(&x, 8);
+        let h = hessian_of(&x, cols);
         let layout = GroupLayout::new(rows, cols, 32).unwrap();
-        let q = gptq("w", &w, layout, &h, Format::IntAsym, 4, &Grid::default(), &GptqOptions::default()).unwrap();
-        assert!(q.dequantize().iter().all(|v| v.is_finite()));
+        let grid = Grid::default();
+        for format in [Format::IntAsym, Format::Pot] {
+            for act_order in [false, true] {
+                let opts = GptqOptions { act_order, ..Default::default() };
+                let q = gptq("w", &w, layout, &h, format, 4, &grid, &opts).unwrap();
+                let deq = q.dequantize();
+                assert!(deq.iter().all(|v| v.is_finite()));
+                if format == Format::IntAsym {
+                    assert!((0..rows).all(|r| deq[r * cols + 5] == 0.0), "dead column quantized as 0");
+                }
+            }
+        }
+        let opts = GptqOptions::default();
         let mut bad = w.clone();
         bad[3] = f32::NAN;
-        let e = gptq("blk.0.up", &bad, layout, &h, Format::Pot, 3, &Grid::default(), &GptqOptions::default()).unwrap_err();
-        assert!(e.to_string().contains("tensor `blk.0.up` contains a non-finite value"), "{e}");
-        let e = gptq("w", &w, layout, &Hessian::new(cols), Format::Pot, 3, &Grid::default(), &GptqOptions::default()).unwrap_err();
-        assert!(e.to_string().contains("no samples"), "{e}");
+        let e = gptq("blk.0.up", &bad, layout, &h, Format::Pot, 3, &grid, &opts).unwrap_err().to_string();
+        assert!(e.contains("tensor `blk.0.up` contains a non-finite value"), "{e}");
+        let e = gptq("w", &w, layout, &Hessian::new(cols), Format::Pot, 3, &grid, &opts).unwrap_err().to_string();
+        assert!(e.contains("no samples"), "{e}");
+        let e = gptq("w", &w, layout, &Hessian::new(16), Format::Pot, 3, &grid, &opts).unwrap_err().to_string();
+        assert!(e.contains("Hessian of 16 columns"), "{e}");
+        let e = gptq("w", &w[1..], layout, &h, Format::Pot, 3, &grid, &opts).unwrap_err().to_string();
+        assert!(e.contains("values for a [4, 32] matrix"), "{e}");
+        assert!(gptq("w", &w, layout, &h, Format::Pot, 5, &grid, &opts).unwrap_err().to_string().contains("2 to 4"));
+        assert!(gptq("w", &w, layout, &h, Format::IntAsym, 9, &grid, &opts).is_err());
+        assert!(gptq("w", &w, layout, &h, Format::Pot, 3, &grid, &GptqOptions { block: 0, ..opts.clone() }).is_err());
+        assert!(gptq("w", &w, layout, &h, Format::Pot, 3, &grid, &GptqOptions { damp: f32::NAN, ..opts.clone() }).is_err());
+        let mut nan_x = x.clone();
+        nan_x[9] = f32::NAN;
+        let e = gptq("w", &w, layout, &hessian_of(&nan_x, cols), Format::Pot, 3, &grid, &opts).unwrap_err().to_string();
+        assert!(e.contains("non-finite"), "{e}");
+        // Without dampening, a rank-deficient Hessian is refused with a clear message.
+        let e = gptq("w", &w, layout, &hessian_of(&x[..4 * cols], cols), Format::Pot, 3, &grid, &GptqOptions { damp: 0.0, ..opts })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not positive definite"), "{e}");
     }
 }

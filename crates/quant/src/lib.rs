@@ -7,6 +7,7 @@ pub mod int;
 pub mod pack;
 pub mod pot;
 pub mod qtensor;
+mod quantizer;
 pub mod step1;
 
 pub use gptq::{gptq, GptqOptions, Hessian};

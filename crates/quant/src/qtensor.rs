@@ -7,7 +7,8 @@ use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::step1::{self, Grid};
+use crate::quantizer::{GroupParams, GroupQuantizer};
+use crate::step1::Grid;
 use crate::{int, pack, pot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +47,7 @@ pub struct GroupLayout {
 impl GroupLayout {
     pub fn new(rows: usize, cols: usize, group_size: usize) -> Result<Self> {
         ensure!(rows > 0 && cols > 0, "empty matrix [{rows}, {cols}]");
-        if group_size == 0 || group_size % 8 != 0 {
+        if group_size == 0 || !group_size.is_multiple_of(8) {
             bail!("group size {group_size} must be a positive multiple of 8");
         }
         Ok(Self { rows, cols, group_size })
@@ -92,6 +93,20 @@ pub struct QTensor {
 }
 
 impl QTensor {
+    /// Codes plus the per-group parameters (row-major `[rows, groups_per_row]`).
+    pub(crate) fn assemble(format: Format, bits: u8, layout: GroupLayout, codes: Vec<u8>, params: Vec<GroupParams>) -> Self {
+        let zeros = if format.is_int() { params.iter().map(|p| p.zero).collect() } else { Vec::new() };
+        Self {
+            format,
+            bits,
+            layout,
+            codes,
+            scales: params.iter().map(|p| p.scale).collect(),
+            zeros,
+            clamped_scales: params.iter().filter(|p| p.clamped).count(),
+        }
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         let l = self.layout;
         let gpr = l.groups_per_row();
@@ -138,6 +153,7 @@ impl QTensor {
         ensure!(scales.iter().all(|s| s.is_finite() && *s > 0.0), "scales must be positive and finite");
         if format.is_int() {
             ensure!(zeros.len() == groups, "{} zero-points for {groups} groups", zeros.len());
+            ensure!(zeros.iter().all(|&z| (z as u32) < 1 << bits), "zero-points must fit in {bits} bits");
         } else {
             ensure!(zeros.is_empty(), "PoT has no zero-points");
         }
@@ -146,7 +162,8 @@ impl QTensor {
     }
 }
 
-fn check_input(name: &str, w: &[f32], layout: GroupLayout) -> Result<()> {
+/// Errors unless `w` fills `layout` with finite values; the message names the tensor.
+pub(crate) fn check_input(name: &str, w: &[f32], layout: GroupLayout) -> Result<()> {
     ensure!(
         w.len() == layout.rows * layout.cols,
         "tensor `{name}`: {} values for a [{}, {}] matrix",
@@ -155,79 +172,47 @@ fn check_input(name: &str, w: &[f32], layout: GroupLayout) -> Result<()> {
         layout.cols
     );
     if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-        bail!("tensor `{name}` contains a non-finite value ({}) at flat index {i}", w[i]);
+        let (r, c) = (i / layout.cols, i % layout.cols);
+        bail!("tensor `{name}` contains a non-finite value ({}) at row {r}, column {c}", w[i]);
     }
     Ok(())
 }
 
-/// Quantizes every group of `w` with the scale (and zero-point) `params` picks for it.
-fn quantize_groups(
+/// Quantizes every group of `w` independently, rows in parallel; `quantizer` makes the
+/// per-thread quantizer (with its own search buffers).
+fn quantize_groups<'g>(
     w: &[f32],
     layout: GroupLayout,
     format: Format,
     bits: u8,
-    params: impl Fn(&[f32]) -> (f32, u8, bool) + Sync,
+    quantizer: impl Fn() -> GroupQuantizer<'g> + Sync + Send,
 ) -> QTensor {
     let gpr = layout.groups_per_row();
-    let rows: Vec<(Vec<u8>, Vec<f32>, Vec<u8>, usize)> = w
-        .par_chunks(layout.cols)
-        .map(|row| {
-            let mut codes = vec![0u8; layout.cols];
-            let (mut scales, mut zeros, mut clamped) = (Vec::with_capacity(gpr), Vec::with_capacity(gpr), 0);
-            for g in 0..gpr {
+    let mut codes = vec![0u8; w.len()];
+    let mut params = vec![None; layout.rows * gpr];
+    codes
+        .par_chunks_mut(layout.cols)
+        .zip(params.par_chunks_mut(gpr))
+        .zip(w.par_chunks(layout.cols))
+        .map_init(&quantizer, |q, ((codes, params), row)| {
+            for (g, slot) in params.iter_mut().enumerate() {
                 let cols = layout.group_cols(g);
-                let (s, z, was_clamped) = params(&row[cols.clone()]);
-                clamped += was_clamped as usize;
+                let p = q.params(&row[cols.clone()]);
                 for c in cols {
-                    codes[c] = match format {
-                        Format::Pot => pot::encode(row[c], s, bits),
-                        _ => int::encode(row[c], s, z, bits),
-                    };
+                    codes[c] = q.encode(p, row[c]);
                 }
-                scales.push(s);
-                zeros.push(z);
+                *slot = Some(p);
             }
-            (codes, scales, zeros, clamped)
         })
-        .collect();
-    let mut q = QTensor {
-        format,
-        bits,
-        layout,
-        codes: Vec::with_capacity(w.len()),
-        scales: Vec::with_capacity(layout.rows * gpr),
-        zeros: Vec::new(),
-        clamped_scales: 0,
-    };
-    for (c, s, z, n) in rows {
-        q.codes.extend(c);
-        q.scales.extend(s);
-        if format.is_int() {
-            q.zeros.extend(z);
-        }
-        q.clamped_scales += n;
-    }
-    q
+        .for_each(drop);
+    QTensor::assemble(format, bits, layout, codes, params.into_iter().map(|p| p.expect("every group visited")).collect())
 }
 
 /// Round to nearest: PoT with `s0` scales (the paper's "neither step"), INT with min-max.
 pub fn quantize_rtn(name: &str, w: &[f32], layout: GroupLayout, format: Format, bits: u8) -> Result<QTensor> {
     check_bits(format, bits)?;
     check_input(name, w, layout)?;
-    Ok(quantize_groups(w, layout, format, bits, |g| match format {
-        Format::Pot => {
-            let (s, clamped) = pot_f16_scale(step1::s0(g, bits), bits);
-            (s, 0, clamped)
-        }
-        Format::IntAsym => {
-            let (s, z) = int::params_asym(g, bits);
-            (s, z, false)
-        }
-        Format::IntSym => {
-            let (s, z) = int::params_sym(g, bits);
-            (s, z, false)
-        }
-    }))
+    Ok(quantize_groups(w, layout, format, bits, || GroupQuantizer::rtn(format, bits)))
 }
 
 /// PoT with Step 1's grid-searched scale per group.
@@ -235,11 +220,7 @@ pub fn quantize_pot_step1(name: &str, w: &[f32], layout: GroupLayout, bits: u8, 
     check_bits(Format::Pot, bits)?;
     check_input(name, w, layout)?;
     grid.check()?;
-    Ok(quantize_groups(w, layout, Format::Pot, bits, |g| {
-        let s = step1::search_scale(g, bits, grid);
-        let (s, clamped) = pot_f16_scale(s, bits);
-        (s, 0, clamped)
-    }))
+    Ok(quantize_groups(w, layout, Format::Pot, bits, || GroupQuantizer::searched(Format::Pot, bits, grid)))
 }
 
 #[cfg(test)]
@@ -249,27 +230,95 @@ mod tests {
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+        (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 0.05).collect()
+    }
+
+    fn all_formats() -> Vec<(Format, u8)> {
+        let mut cases: Vec<(Format, u8)> = (2..=4).map(|b| (Format::Pot, b)).collect();
+        cases.extend((2..=8).flat_map(|b| [(Format::IntAsym, b), (Format::IntSym, b)]));
+        cases
+    }
+
+    /// The dequantized value of every weight, computed from the stored parameters alone.
+    fn decode_by_hand(q: &QTensor) -> Vec<f32> {
+        let l = q.layout;
+        let gpr = l.groups_per_row();
+        (0..l.rows * l.cols)
+            .map(|i| {
+                let g = (i / l.cols) * gpr + (i % l.cols) / l.group_size;
+                match q.format {
+                    Format::Pot => pot::decode(q.codes[i], q.scales[g], q.bits),
+                    _ => int::decode(q.codes[i], q.scales[g], q.zeros[g]),
+                }
+            })
+            .collect()
+    }
+
+    /// quantize → pack → unpack → dequantize, on ragged and aligned shapes, every group size
+    /// and per-row groups, RTN for every format and Step 1 for PoT.
+    #[test]
+    fn round_trips_through_packing() {
+        let grid = Grid::default();
+        for &(rows, cols) in &[(3usize, 576usize), (2, 72), (4, 100), (2, 256), (1, 1536), (5, 40)] {
+            let per_row = cols.div_ceil(8) * 8;
+            for g in [32usize, 64, 128, 256, per_row] {
+                let layout = GroupLayout::new(rows, cols, g).unwrap();
+                let w = random(rows * cols, (rows * cols + g) as u64);
+                for (format, bits) in all_formats() {
+                    let mut tensors = vec![quantize_rtn("w", &w, layout, format, bits).unwrap()];
+                    if format == Format::Pot {
+                        tensors.push(quantize_pot_step1("w", &w, layout, bits, &grid).unwrap());
+                    }
+                    for q in tensors {
+                        let what = format!("{rows}x{cols} g{g} {format:?} {bits}");
+                        assert_eq!(q.codes.len(), rows * cols);
+                        assert_eq!(q.scales.len(), rows * layout.groups_per_row(), "{what}");
+                        assert!(q.codes.iter().all(|&c| (c as u32) < 1 << bits), "{what}");
+                        let packed = q.packed_codes();
+                        assert_eq!(packed.len(), rows * pack::words_per_row(cols, bits), "{what}");
+                        if cols % 32 == 0 {
+                            assert_eq!(packed.len() * 32, rows * cols * bits as usize, "{what}: exactly {bits} bits per weight");
+                        }
+                        let back = QTensor::from_packed(format, bits, layout, &packed, q.scales.clone(), q.zeros.clone()).unwrap();
+                        assert_eq!(back.codes, q.codes, "{what}");
+                        let deq = back.dequantize();
+                        assert_eq!(deq, q.dequantize(), "{what}");
+                        assert_eq!(deq, decode_by_hand(&q), "{what}");
+                        // Every scale is an f16, and re-encoding with the stored scales gives
+                        // the stored codes: what was evaluated is what is stored.
+                        assert!(q.scales.iter().all(|s| f16::from_f32(*s).to_f32() == *s && *s > 0.0), "{what}");
+                        let again: Vec<u8> = (0..rows * cols)
+                            .map(|i| {
+                                let gi = (i / cols) * layout.groups_per_row() + (i % cols) / g;
+                                match format {
+                                    Format::Pot => pot::encode(w[i], q.scales[gi], bits),
+                                    _ => int::encode(w[i], q.scales[gi], q.zeros[gi], bits),
+                                }
+                            })
+                            .collect();
+                        assert_eq!(again, q.codes, "{what}");
+                        // INT reproduces every weight to within half a step.
+                        if format == Format::IntAsym {
+                            for i in 0..rows * cols {
+                                let gi = (i / cols) * layout.groups_per_row() + (i % cols) / g;
+                                assert!((deq[i] - w[i]).abs() <= 0.5001 * q.scales[gi] + 1e-7, "{what} at {i}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
-    fn round_trips_through_packing() {
-        for &(rows, cols) in &[(3usize, 576usize), (2, 72), (4, 100), (1, 1536)] {
-            for &g in &[32usize, 64, 128, 256, cols.div_ceil(8) * 8] {
-                let layout = GroupLayout::new(rows, cols, g).unwrap();
-                let w = random(rows * cols, (rows * cols + g) as u64);
-                let mut cases: Vec<(Format, u8)> = (2..=4).map(|b| (Format::Pot, b)).collect();
-                cases.extend((2..=8).flat_map(|b| [(Format::IntAsym, b), (Format::IntSym, b)]));
-                for (format, bits) in cases {
-                    let q = quantize_rtn("w", &w, layout, format, bits).unwrap();
-                    let back = QTensor::from_packed(format, bits, layout, &q.packed_codes(), q.scales.clone(), q.zeros.clone())
-                        .unwrap();
-                    assert_eq!(back.codes, q.codes, "{rows}x{cols} g{g} {format:?} {bits}");
-                    assert_eq!(back.dequantize(), q.dequantize());
-                    // Every scale is an f16.
-                    assert!(q.scales.iter().all(|s| half::f16::from_f32(*s).to_f32() == *s));
-                }
-            }
+    fn step1_beats_rtn_on_the_whole_tensor() {
+        let layout = GroupLayout::new(16, 576, 128).unwrap();
+        let w = random(16 * 576, 5);
+        for bits in 2..=4 {
+            let sse = |q: &QTensor| q.dequantize().iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+            let rtn = quantize_rtn("w", &w, layout, Format::Pot, bits).unwrap();
+            let s1 = quantize_pot_step1("w", &w, layout, bits, &Grid::default()).unwrap();
+            assert!(sse(&s1) < 0.9 * sse(&rtn), "{bits}: {} vs {}", sse(&s1), sse(&rtn));
         }
     }
 
@@ -278,6 +327,7 @@ mod tests {
         let layout = GroupLayout::new(1, 576, 128).unwrap();
         assert_eq!(layout.groups_per_row(), 5);
         assert_eq!(layout.group_cols(4), 512..576);
+        assert_eq!(GroupLayout::new(1, 72, 32).unwrap().group_cols(2), 64..72);
         // A row whose short last group holds large weights gets its own scale.
         let mut w = vec![0.01f32; 576];
         w[512..].iter_mut().for_each(|x| *x = 1.0);
@@ -285,35 +335,74 @@ mod tests {
         assert!(q.scales[4] > 10.0 * q.scales[0]);
         let bpw = q.bits_per_weight();
         assert!((bpw - (3.0 + 5.0 * 16.0 / 576.0)).abs() < 1e-12, "{bpw}");
+        let q = quantize_rtn("w", &w, layout, Format::IntAsym, 3).unwrap();
+        assert!((q.bits_per_weight() - (3.0 + 5.0 * 19.0 / 576.0)).abs() < 1e-12, "INT counts its zero-points");
+        let q = quantize_rtn("w", &w, GroupLayout::new(1, 576, 576).unwrap(), Format::Pot, 2).unwrap();
+        assert!((q.bits_per_weight() - (2.0 + 16.0 / 576.0)).abs() < 1e-12, "per-row");
     }
 
     #[test]
     fn bad_input() {
-        assert!(GroupLayout::new(2, 64, 0).unwrap_err().to_string().contains("positive multiple of 8"));
-        assert!(GroupLayout::new(2, 64, 12).unwrap_err().to_string().contains("positive multiple of 8"));
+        for g in [0, 12, 100] {
+            let e = GroupLayout::new(2, 64, g).unwrap_err().to_string();
+            assert!(e.contains("positive multiple of 8"), "{e}");
+        }
+        assert!(GroupLayout::new(0, 64, 32).is_err());
+        assert!(GroupLayout::new(2, 0, 32).is_err());
         let layout = GroupLayout::new(2, 64, 32).unwrap();
-        let e = quantize_rtn("w", &random(128, 1), layout, Format::Pot, 5).unwrap_err();
-        assert!(e.to_string().contains("out of range"), "{e}");
-        let e = quantize_rtn("w", &random(128, 1), layout, Format::IntAsym, 1).unwrap_err();
-        assert!(e.to_string().contains("supported: 2 to 8"), "{e}");
-        let mut w = random(128, 1);
-        w[77] = f32::INFINITY;
-        let e = quantize_pot_step1("blk.3.q", &w, layout, 3, &Grid::default()).unwrap_err();
-        assert!(e.to_string().contains("tensor `blk.3.q` contains a non-finite value"), "{e}");
-        let e = quantize_rtn("w", &random(100, 1), layout, Format::Pot, 3).unwrap_err();
-        assert!(e.to_string().contains("100 values for a [2, 64] matrix"), "{e}");
+        let w = random(128, 1);
+        for (format, bits, allowed) in [(Format::Pot, 5, "2 to 4"), (Format::Pot, 1, "2 to 4"), (Format::IntAsym, 1, "2 to 8"), (Format::IntSym, 9, "2 to 8")] {
+            let e = quantize_rtn("w", &w, layout, format, bits).unwrap_err().to_string();
+            assert!(e.contains("out of range") && e.contains(allowed), "{e}");
+        }
+        assert!(quantize_pot_step1("w", &w, layout, 0, &Grid::default()).is_err());
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let mut w = random(128, 1);
+            w[77] = bad;
+            let e = quantize_pot_step1("blk.3.q", &w, layout, 3, &Grid::default()).unwrap_err().to_string();
+            assert!(e.contains("tensor `blk.3.q` contains a non-finite value") && e.contains("row 1, column 13"), "{e}");
+            let e = quantize_rtn("blk.4.k", &w, layout, Format::IntAsym, 4).unwrap_err().to_string();
+            assert!(e.contains("tensor `blk.4.k`"), "{e}");
+        }
+        let e = quantize_rtn("w", &random(100, 1), layout, Format::Pot, 3).unwrap_err().to_string();
+        assert!(e.contains("100 values for a [2, 64] matrix"), "{e}");
+        assert!(quantize_pot_step1("w", &random(129, 1), layout, 3, &Grid::default()).is_err());
+        let e = quantize_pot_step1("w", &w, layout, 3, &Grid { lo: -1.0, hi: 1.0, points: 3 }).unwrap_err().to_string();
+        assert!(e.contains("grid"), "{e}");
+        // from_packed: wrong lengths of codes, scales, zero-points.
+        let q = quantize_rtn("w", &w, layout, Format::IntAsym, 3).unwrap();
+        let p = q.packed_codes();
+        assert!(QTensor::from_packed(Format::IntAsym, 3, layout, &p[1..], q.scales.clone(), q.zeros.clone()).is_err());
+        assert!(QTensor::from_packed(Format::IntAsym, 3, layout, &p, q.scales[1..].to_vec(), q.zeros.clone()).is_err());
+        assert!(QTensor::from_packed(Format::IntAsym, 3, layout, &p, q.scales.clone(), Vec::new()).is_err());
+        assert!(QTensor::from_packed(Format::IntAsym, 3, layout, &p, q.scales.clone(), vec![8; 4]).is_err());
+        assert!(QTensor::from_packed(Format::Pot, 3, layout, &p, q.scales.clone(), q.zeros.clone()).is_err());
+        assert!(QTensor::from_packed(Format::Pot, 3, layout, &p, vec![f32::NAN; 4], Vec::new()).is_err());
+        assert!(QTensor::from_packed(Format::Pot, 5, layout, &p, q.scales.clone(), Vec::new()).is_err());
     }
 
     #[test]
     fn scales_respect_the_f16_bit_add_precondition() {
-        let layout = GroupLayout::new(1, 64, 32).unwrap();
-        let mut w = vec![1e-9f32; 64];
-        w[32..].iter_mut().for_each(|x| *x = 70000.0);
-        let q = quantize_rtn("w", &w, layout, Format::Pot, 4).unwrap();
-        assert_eq!(q.clamped_scales, 2);
-        for &s in &q.scales {
-            assert!(s >= half::f16::MIN_POSITIVE.to_f32());
-            assert!((s * 128.0).is_finite() && s * 128.0 <= half::f16::MAX.to_f32());
+        let layout = GroupLayout::new(1, 96, 32).unwrap();
+        let mut w = vec![1e-9f32; 96];
+        w[32..64].iter_mut().for_each(|x| *x = 70000.0);
+        w[64..].iter_mut().for_each(|x| *x = 0.0);
+        for bits in 2..=4 {
+            let top = (1u32 << pot::qmax(bits)) as f32;
+            for q in [quantize_rtn("w", &w, layout, Format::Pot, bits).unwrap(), quantize_pot_step1("w", &w, layout, bits, &Grid::default()).unwrap()] {
+                assert_eq!(q.clamped_scales, 3, "tiny, huge and all-zero groups");
+                for &s in &q.scales {
+                    assert!(s >= f16::MIN_POSITIVE.to_f32(), "normal f16");
+                    let top_level = f16::from_f32(s * top);
+                    assert!(top_level.is_finite() && top_level.to_f32() == s * top, "s·2^qmax is a finite f16");
+                    // The bit-add: exponent field of s plus qmax stays below the all-ones field.
+                    assert!(((f16::from_f32(s).to_bits() >> 10) & 0x1F) as u32 + pot::qmax(bits) < 31);
+                }
+                assert!(q.dequantize().iter().all(|v| v.is_finite()));
+            }
         }
+        let q = quantize_rtn("w", &w, layout, Format::IntAsym, 4).unwrap();
+        assert!(q.scales.iter().all(|&s| s >= f16::MIN_POSITIVE.to_f32() && s <= f16::MAX.to_f32()));
+        assert_eq!(q.clamped_scales, 1, "1e-9/15 is below the f16 range; 70000/15 and the all-zero group's 2/15 fit");
     }
 }
