@@ -14,6 +14,27 @@ fn synthetic(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| ((0..4).map(|_| next()).sum::<f32>() - 2.0) * 0.035).collect()
 }
 
+/// CPU time of the calling thread (Linux), so that timings hold on a busy machine.
+fn thread_cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e9
+}
+
+/// Single-thread Step-1 throughput by CPU time: `search_scale` on every group of `w`.
+fn step1_single_thread(w: &[f32], layout: GroupLayout, bits: u8, grid: &Grid) -> f64 {
+    let mut search = potptq_quant::step1::ScaleSearch::new(bits, grid);
+    let mut sink = 0f32;
+    let t = thread_cpu_seconds();
+    for row in w.chunks(layout.cols) {
+        for g in 0..layout.groups_per_row() {
+            sink += search.search(&row[layout.group_cols(g)]);
+        }
+    }
+    let dt = thread_cpu_seconds() - t;
+    assert!(sink.is_finite());
+    w.len() as f64 / dt
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shapes: Vec<(usize, usize)> = if args.is_empty() {
@@ -33,7 +54,13 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             quantize_rtn("t", &w, layout, Format::Pot, bits)?;
             let rtn = t.elapsed().as_secs_f64();
-            println!("{rows}x{cols} bits {bits}: step1 {:.1} Mw/s ({s1:.3}s), pot-rtn {:.1} Mw/s", n / s1 / 1e6, n / rtn / 1e6);
+            let one = step1_single_thread(&w, layout, bits, &grid);
+            println!(
+                "{rows}x{cols} bits {bits}: step1 {:.1} Mw/s wall ({s1:.3}s), one thread {:.1} Mw/s of CPU time; pot-rtn {:.1} Mw/s wall",
+                n / s1 / 1e6,
+                one / 1e6,
+                n / rtn / 1e6
+            );
         }
         let tokens = 2048;
         let z = synthetic(tokens * 64, 7);

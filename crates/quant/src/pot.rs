@@ -15,18 +15,15 @@ pub fn qmax(bits: u8) -> u32 {
 /// exactly √2·2^k, so "≥ this mantissa" is exactly "log2 rounds up".
 pub(crate) const SQRT2_MANTISSA: u32 = 0x3504F4;
 
-/// `clamp(round(log2(ratio)), 0, qmax)` for `ratio ≥ 0`, from the float's bits.
+/// `clamp(round(log2(ratio)), 0, qmax)` for `ratio ≥ 0`, from the float's bits: the unbiased
+/// exponent field, plus one when the mantissa is at or above √2's. Below 1 (zero and
+/// subnormals included) that is ≤ 0 and clamps to 0; infinity's field (255) clamps to qmax.
+/// Branch-free, so loops over a group vectorize.
 #[inline]
 pub fn pot_exponent(ratio: f32, qmax: u32) -> u32 {
     let bits = ratio.to_bits() & 0x7FFF_FFFF;
-    let biased = bits >> 23;
-    if biased < 127 {
-        // ratio < 1, zero and subnormals included: log2 < 0 rounds to at most 0.
-        return 0;
-    }
-    // Infinity has biased exponent 255 and lands far above any qmax.
-    let rounded = biased - 127 + ((bits & 0x7F_FFFF) >= SQRT2_MANTISSA) as u32;
-    rounded.min(qmax)
+    let rounded = (bits >> 23) as i32 - 127 + ((bits & 0x7F_FFFF) >= SQRT2_MANTISSA) as i32;
+    rounded.clamp(0, qmax.min(i32::MAX as u32) as i32) as u32
 }
 
 /// The plain formula `pot_exponent` must equal, with a real `log2`. In f64 it is exact for
@@ -47,12 +44,9 @@ pub fn encode(w: f32, scale: f32, bits: u8) -> u8 {
 #[inline]
 pub fn decode(code: u8, scale: f32, bits: u8) -> f32 {
     let e = (code as u32) & qmax(bits);
+    let negative = ((code as u32) >> (bits - 1)) & 1;
     let magnitude = scale * (1u32 << e) as f32;
-    if (code >> (bits - 1)) & 1 == 1 {
-        -magnitude
-    } else {
-        magnitude
-    }
+    f32::from_bits(magnitude.to_bits() ^ (negative << 31))
 }
 
 /// `Σ (w − Q(w))²` for one group quantized with `scale`.

@@ -81,8 +81,13 @@ fn stored_s0(w: &[f32], bits: u8) -> f32 {
 /// The grid's candidates for a group with scale `s0`, as stored (f16). Non-decreasing, since
 /// rounding and clamping are monotone.
 fn fill_candidates(out: &mut Vec<f32>, s0: f32, bits: u8, grid: &Grid) {
+    let multipliers: Vec<f32> = (0..grid.points).map(|i| grid.multiplier(i)).collect();
+    fill_candidates_from(out, s0, bits, &multipliers);
+}
+
+fn fill_candidates_from(out: &mut Vec<f32>, s0: f32, bits: u8, multipliers: &[f32]) {
     out.clear();
-    out.extend((0..grid.points).map(|i| pot_f16_scale(grid.multiplier(i) * s0, bits).0));
+    out.extend(multipliers.iter().map(|&b| pot_f16_scale(b * s0, bits).0));
 }
 
 fn error(w: &[f32], weights: Option<&[f32]>, scale: f32, bits: u8) -> f64 {
@@ -95,7 +100,18 @@ fn error(w: &[f32], weights: Option<&[f32]>, scale: f32, bits: u8) -> f64 {
 /// Of `best` and the stored `s0`, the one with the smaller exact error (`best` on a tie).
 fn never_worse_than_s0(w: &[f32], weights: Option<&[f32]>, best: f32, bits: u8) -> f32 {
     let base = stored_s0(w, bits);
-    if error(w, weights, best, bits) <= error(w, weights, base, bits) {
+    if best == base {
+        return best;
+    }
+    // Both errors in one pass over the group.
+    let (mut e_best, mut e_base) = (0f64, 0f64);
+    for (j, &x) in w.iter().enumerate() {
+        let c = weights.map_or(1.0, |c| c[j] as f64);
+        let (x64, q_best, q_base) = (x as f64, pot::decode(pot::encode(x, best, bits), best, bits), pot::decode(pot::encode(x, base, bits), base, bits));
+        e_best += c * (x64 - q_best as f64).powi(2);
+        e_base += c * (x64 - q_base as f64).powi(2);
+    }
+    if e_best <= e_base {
         best
     } else {
         base
@@ -159,6 +175,8 @@ pub struct ScaleSearch<'g> {
     grid: &'g Grid,
     bits: u8,
     midpoint: f64,
+    /// The grid's `b_i`.
+    multipliers: Vec<f32>,
     /// This group's candidates (f16), ascending.
     candidates: Vec<f32>,
     /// `M_0 · candidate`: weight magnitudes at or above `2^k ·` this have `E ≥ k+1`.
@@ -174,6 +192,7 @@ impl<'g> ScaleSearch<'g> {
             grid,
             bits,
             midpoint: round_up_midpoint(),
+            multipliers: (0..grid.points).map(|i| grid.multiplier(i)).collect(),
             candidates: Vec::with_capacity(grid.points),
             thresholds: Vec::with_capacity(grid.points),
             delta_a: Vec::with_capacity(grid.points),
@@ -197,11 +216,12 @@ impl<'g> ScaleSearch<'g> {
             // All zero: every scale gives the same levels; take the smallest stored one.
             return pot_f16_scale(0.0, bits).0;
         }
-        fill_candidates(&mut self.candidates, base, bits, self.grid);
+        fill_candidates_from(&mut self.candidates, base, bits, &self.multipliers);
         let n = self.candidates.len();
         let m0 = self.midpoint;
         self.thresholds.clear();
         self.thresholds.extend(self.candidates.iter().map(|&s| m0 * s as f64));
+        self.thresholds.push(f64::INFINITY); // sentinel: the upward scan below stops at n
         self.delta_a.clear();
         self.delta_a.resize(n, 0.0);
         self.delta_b.clear();
@@ -232,9 +252,10 @@ impl<'g> ScaleSearch<'g> {
                     break; // no candidate reaches this level, nor any higher one
                 }
                 // Count of candidates m with thresholds[m] ≤ a_k: they all have E ≥ k+1.
-                let guess = (a_k * to_index - offset).floor() + 1.0;
-                let mut count = guess.max(1.0).min(n as f64) as usize;
-                while count < n && thresholds[count] <= a_k {
+                // (`as` truncates toward 0 where floor would go down, but both clamp to 1 there.)
+                let guess = (a_k * to_index - offset) as isize + 1;
+                let mut count = guess.clamp(1, n as isize) as usize;
+                while thresholds[count] <= a_k {
                     count += 1;
                 }
                 while thresholds[count - 1] > a_k {
