@@ -65,9 +65,9 @@ fn set_weight(block: &mut Block, linear: &str, q: &QTensor) -> Result<()> {
 
 fn quantize_data_free(name: &str, w: &[f32], layout: GroupLayout, opts: &QuantizeOptions) -> Result<QTensor> {
     match opts.method {
-        Method::RtnInt | Method::PotRtn => quantize_rtn(name, w, layout, opts.method.format(), opts.bits),
+        Method::RtnInt | Method::RtnIntSym | Method::PotRtn => quantize_rtn(name, w, layout, opts.method.format(), opts.bits),
         Method::PotS1 => quantize_pot_step1(name, w, layout, opts.bits, &opts.grid),
-        Method::GptqInt | Method::PotGptq => unreachable!("data-aware methods go through GPTQ"),
+        Method::GptqInt | Method::GptqIntSym | Method::PotGptq => unreachable!("data-aware methods go through GPTQ"),
     }
 }
 

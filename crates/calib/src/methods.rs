@@ -11,6 +11,10 @@ pub enum Method {
     RtnInt,
     /// GPTQ with the INT quantizer of `RtnInt`.
     GptqInt,
+    /// Symmetric INT (GPTQ's `sym=True`), round to nearest.
+    RtnIntSym,
+    /// GPTQ with the symmetric INT quantizer.
+    GptqIntSym,
     /// PoT with `s0` scales, no search: the paper's "neither step".
     PotRtn,
     /// PoT with Step-1 grid-searched scales.
@@ -20,12 +24,15 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::RtnInt, Method::GptqInt, Method::PotRtn, Method::PotS1, Method::PotGptq];
+    pub const ALL: [Method; 7] =
+        [Method::RtnInt, Method::GptqInt, Method::RtnIntSym, Method::GptqIntSym, Method::PotRtn, Method::PotS1, Method::PotGptq];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::RtnInt => "rtn-int",
             Method::GptqInt => "gptq-int",
+            Method::RtnIntSym => "rtn-int-sym",
+            Method::GptqIntSym => "gptq-int-sym",
             Method::PotRtn => "pot-rtn",
             Method::PotS1 => "pot-s1",
             Method::PotGptq => "pot-gptq",
@@ -45,13 +52,14 @@ impl Method {
     pub fn format(self) -> Format {
         match self {
             Method::RtnInt | Method::GptqInt => Format::IntAsym,
+            Method::RtnIntSym | Method::GptqIntSym => Format::IntSym,
             Method::PotRtn | Method::PotS1 | Method::PotGptq => Format::Pot,
         }
     }
 
     /// Needs calibration activations.
     pub fn uses_data(self) -> bool {
-        matches!(self, Method::GptqInt | Method::PotGptq)
+        matches!(self, Method::GptqInt | Method::GptqIntSym | Method::PotGptq)
     }
 
     /// What produced the scales, for `quantization_config.steps`.
@@ -59,6 +67,8 @@ impl Method {
         let s: &[&str] = match self {
             Method::RtnInt => &["minmax"],
             Method::GptqInt => &["minmax", "gptq"],
+            Method::RtnIntSym => &["minmax-sym"],
+            Method::GptqIntSym => &["minmax-sym", "gptq"],
             Method::PotRtn => &["s0"],
             Method::PotS1 => &["step1"],
             Method::PotGptq => &["step1", "gptq"],

@@ -20,6 +20,7 @@ fn save_then_load_gives_identical_tensors() {
         ("tiny_llama", Method::PotS1, 3, 64),
         ("tiny_qwen2", Method::RtnInt, 4, 32),
         ("tiny_mistral", Method::PotRtn, 2, 40),
+        ("tiny_llama", Method::RtnIntSym, 3, 32),
     ] {
         let fp = tiny(fixture);
         let opts = QuantizeOptions { method, bits, group_size: group, grid: Grid::default(), gptq: GptqOptions::default(), batch: 1 };

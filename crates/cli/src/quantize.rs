@@ -26,7 +26,7 @@ pub struct Args {
     /// Bit widths, e.g. 2,3,4.
     #[arg(long, value_delimiter = ',', default_value = "3")]
     bits: Vec<u8>,
-    /// Methods: rtn-int, gptq-int, pot-rtn, pot-s1, pot-gptq.
+    /// Methods: rtn-int, gptq-int, rtn-int-sym, gptq-int-sym, pot-rtn, pot-s1, pot-gptq.
     #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-rtn,pot-s1,pot-gptq")]
     methods: Vec<String>,
     /// Weights per scale (a row's last group may be shorter).

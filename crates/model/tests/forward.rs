@@ -65,3 +65,35 @@ fn kv_cache_decode_matches_full_pass() {
     let err = rel_err(&got, &want);
     assert!(err < 1e-4, "cached decode differs by {err:e}");
 }
+
+/// A directory sharded the way transformers shards it (`model.safetensors.index.json`) loads
+/// to the same model, whatever dtype each shard stores.
+#[test]
+fn sharded_bf16_and_f16_directory_loads() {
+    let src = fixture("tiny_llama");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part, dtype) in [("model-00001-of-00002.safetensors", first, candle_core::DType::F16), ("model-00002-of-00002.safetensors", second, candle_core::DType::BF16)] {
+        let sub: std::collections::HashMap<String, Tensor> =
+            part.iter().map(|n| (n.to_string(), tensors[*n].to_dtype(dtype).unwrap())).collect();
+        candle_core::safetensors::save(&sub, dir.join(shard)).unwrap();
+        for n in part.iter() {
+            weight_map.insert(n.to_string(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let loaded = potptq_model::load(dir).unwrap();
+    let (ids, want) = reference("tiny_llama");
+    let err = rel_err(&loaded.model.forward(&ids, None).unwrap(), &want);
+    // Half-precision weights: close to the f32 logits, not equal.
+    assert!(err < 2e-2, "sharded half-precision model differs by {err:e}");
+    assert!(err > 0.0);
+}
