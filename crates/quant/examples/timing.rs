@@ -20,6 +20,16 @@ fn thread_cpu_seconds() -> f64 {
     s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e9
 }
 
+/// CPU time of the whole process, all threads (user + system, from /proc/self/stat in ticks).
+fn process_cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th and 13th.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (field(11) + field(12)) / 100.0
+}
+
 /// Single-thread Step-1 throughput by CPU time: `search_scale` on every group of `w`.
 fn step1_single_thread(w: &[f32], layout: GroupLayout, bits: u8, grid: &Grid) -> f64 {
     let mut search = potptq_quant::step1::ScaleSearch::new(bits, grid);
@@ -78,9 +88,13 @@ fn main() -> anyhow::Result<()> {
         println!("{rows}x{cols}: hessian of {tokens} tokens {:.3}s", t.elapsed().as_secs_f64());
         for (format, act_order) in [(Format::IntAsym, false), (Format::Pot, false), (Format::Pot, true)] {
             let opts = GptqOptions { act_order, ..Default::default() };
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), process_cpu_seconds());
             gptq("t", &w, layout, &h, format, 3, &grid, &opts)?;
-            println!("{rows}x{cols}: gptq {format:?} 3-bit act_order={act_order} {:.2}s", t.elapsed().as_secs_f64());
+            println!(
+                "{rows}x{cols}: gptq {format:?} 3-bit act_order={act_order} {:.2}s wall, {:.2}s CPU (all threads)",
+                t.elapsed().as_secs_f64(),
+                process_cpu_seconds() - cpu
+            );
         }
     }
     Ok(())

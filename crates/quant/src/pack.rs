@@ -11,8 +11,12 @@ pub fn words_per_row(cols: usize, bits: u8) -> usize {
     cols.div_ceil(32) * bits as usize
 }
 
+/// Packs `rows × cols` codes of `bits` bits each (1..=8); panics on a length mismatch or a code
+/// that does not fit, which would be a bug in the caller.
 pub fn pack(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u32> {
-    assert_eq!(codes.len(), rows * cols);
+    assert!((1..=8).contains(&bits), "pack: {bits} bits per code");
+    assert_eq!(codes.len(), rows * cols, "pack: {} codes for [{rows}, {cols}]", codes.len());
+    assert!(codes.iter().all(|&c| (c as u32) < 1 << bits), "pack: a code does not fit in {bits} bits");
     let b = bits as usize;
     let wpr = words_per_row(cols, bits);
     let mut out = vec![0u32; rows * wpr];
@@ -31,6 +35,7 @@ pub fn pack(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u32> {
 }
 
 pub fn unpack(packed: &[u32], rows: usize, cols: usize, bits: u8) -> Result<Vec<u8>> {
+    ensure!((1..=8).contains(&bits), "packed codes: {bits} bits per code is not supported (1 to 8)");
     let b = bits as usize;
     let wpr = words_per_row(cols, bits);
     ensure!(packed.len() == rows * wpr, "packed codes: {} words, expected {} for [{rows}, {cols}] at {bits} bits", packed.len(), rows * wpr);
@@ -52,6 +57,31 @@ pub fn unpack(packed: &[u32], rows: usize, cols: usize, bits: u8) -> Result<Vec<
 mod tests {
     use super::*;
 
+    /// The layout spelled out: each row's chunks as a list of bits, lowest first, then cut
+    /// into 32-bit words.
+    fn pack_reference(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u32> {
+        let mut out = Vec::new();
+        for r in 0..rows {
+            let mut stream: Vec<bool> = Vec::new();
+            for c in 0..cols.div_ceil(32) * 32 {
+                let code = if c < cols { codes[r * cols + c] } else { 0 };
+                stream.extend((0..bits).map(|k| (code >> k) & 1 == 1));
+            }
+            out.extend(stream.chunks(32).map(|w| w.iter().enumerate().map(|(k, &b)| (b as u32) << k).sum::<u32>()));
+        }
+        out
+    }
+
+    #[test]
+    fn equals_the_bit_stream_reference() {
+        for bits in 1..=8u8 {
+            for &(rows, cols) in &[(1, 32), (2, 576), (3, 72), (2, 100), (4, 7)] {
+                let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                assert_eq!(pack(&codes, rows, cols, bits), pack_reference(&codes, rows, cols, bits), "{bits} bits, [{rows}, {cols}]");
+            }
+        }
+    }
+
     #[test]
     fn exact_size_and_round_trip() {
         for bits in 2..=8u8 {
@@ -65,7 +95,9 @@ mod tests {
                 assert_eq!(unpack(&p, rows, cols, bits).unwrap(), codes);
             }
         }
-        assert!(unpack(&[0; 5], 2, 32, 3).is_err());
+        assert!(unpack(&[0; 5], 2, 32, 3).unwrap_err().to_string().contains("expected 6"));
+        assert!(unpack(&[0; 2], 1, 32, 0).is_err());
+        assert!(unpack(&[0; 9], 1, 32, 9).is_err());
     }
 
     #[test]
