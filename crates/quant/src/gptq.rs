@@ -444,13 +444,12 @@ mod tests {
         let layout = GroupLayout::new(rows, cols, 64).unwrap(); // ragged: 64 + 64 + 32
         let grid = Grid::default();
         for (format, bits) in [(Format::IntAsym, 3), (Format::IntSym, 4), (Format::Pot, 3), (Format::IntAsym, 2), (Format::Pot, 2), (Format::Pot, 4)] {
-            // PoT's baseline is the stronger one: Step 1 scales without feedback.
-            let baseline = if format == Format::Pot {
-                crate::qtensor::quantize_pot_step1("w", &w, layout, bits, &grid).unwrap()
-            } else {
-                quantize_rtn("w", &w, layout, format, bits).unwrap()
-            };
-            let er = output_error(&w, &baseline.dequantize(), &x, rows, cols);
+            // RTN; for PoT also Step 1 (scales searched, no feedback), and the better of the two.
+            let mut er = output_error(&w, &quantize_rtn("w", &w, layout, format, bits).unwrap().dequantize(), &x, rows, cols);
+            if format == Format::Pot {
+                let step1 = crate::qtensor::quantize_pot_step1("w", &w, layout, bits, &grid).unwrap();
+                er = er.min(output_error(&w, &step1.dequantize(), &x, rows, cols));
+            }
             for act_order in [false, true] {
                 let opts = GptqOptions { act_order, block: 48, ..Default::default() };
                 let g = gptq("w", &w, layout, &h, format, bits, &grid, &opts).unwrap();
