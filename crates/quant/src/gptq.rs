@@ -322,7 +322,7 @@ impl<'g> Problem<'g> {
         } else {
             (0..cols).collect()
         };
-        let (w, h) = if opts.act_order { permute(&w, &h, rows, &order) } else { (w, h) };
+        let (w, h) = if opts.act_order { permute(w, h, rows, &order) } else { (w, h) };
         let u = inverse_hessian_factor(name, h, cols, opts.damp as f64)?;
         Ok(Self { layout, format, bits, order, w, u, params, _grid: std::marker::PhantomData })
     }
@@ -341,8 +341,8 @@ impl<'g> Problem<'g> {
     }
 }
 
-/// `W` and `H` with columns (and H's rows) in processing order.
-fn permute(w: &[f32], h: &[f64], rows: usize, order: &[usize]) -> (Vec<f32>, Vec<f64>) {
+/// `W` and `H` with columns (and H's rows) in processing order; the originals are dropped.
+fn permute(w: Vec<f32>, h: Vec<f64>, rows: usize, order: &[usize]) -> (Vec<f32>, Vec<f64>) {
     let n = order.len();
     let mut wp = vec![0f32; rows * n];
     wp.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
@@ -369,10 +369,10 @@ fn permute(w: &[f32], h: &[f64], rows: usize, order: &[usize]) -> (Vec<f32>, Vec
 fn inverse_hessian_factor(name: &str, mut h: Vec<f64>, n: usize, damp: f64) -> Result<Vec<f32>> {
     let lambda = damp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
     (0..n).for_each(|i| h[i * n + i] += lambda);
-    let h = MatRef::from_row_major_slice(&h, n, n);
-    let llt = h.reverse_rows_and_cols().llt(Side::Lower).map_err(|_| {
+    let llt = MatRef::from_row_major_slice(&h, n, n).reverse_rows_and_cols().llt(Side::Lower).map_err(|_| {
         anyhow!("tensor `{name}`: the dampened Hessian is not positive definite (raise the GPTQ damp, now {damp})")
     })?;
+    drop(h); // n² f64: at 11008 columns a gigabyte; free it before the inverse needs as much
     let mut l_inv = Mat::<f64>::zeros(n, n);
     invert_lower_triangular(l_inv.as_mut(), llt.L(), Par::rayon(0));
     let mut u = vec![0f32; n * n];
