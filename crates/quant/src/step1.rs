@@ -131,6 +131,9 @@ pub fn search_scale_weighted_reference(w: &[f32], weights: &[f32], bits: u8, gri
 }
 
 fn brute_force(w: &[f32], weights: Option<&[f32]>, bits: u8, grid: &Grid) -> f32 {
+    if let Err(e) = grid.check() {
+        panic!("{e}");
+    }
     let mut candidates = Vec::new();
     fill_candidates(&mut candidates, s0(w, bits), bits, grid);
     let mut best = (f64::INFINITY, candidates[0]);
@@ -187,7 +190,11 @@ pub struct ScaleSearch<'g> {
 }
 
 impl<'g> ScaleSearch<'g> {
+    /// Panics on an invalid grid (the `quantize_*` functions check it and return an error).
     pub fn new(bits: u8, grid: &'g Grid) -> Self {
+        if let Err(e) = grid.check() {
+            panic!("{e}");
+        }
         Self {
             grid,
             bits,
