@@ -1,35 +1,11 @@
 //! `potptq quantize` end to end on the tiny model: every method and bit width, checkpoints
 //! that load back to the same perplexity, and the bad input it must refuse.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use candle_core::quantized::GgmlDType;
-use potptq_model::gguf::{write_gguf, GgufVocab};
-use potptq_model::hf;
+use std::path::PathBuf;
 
-fn potptq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_potptq"))
-        .args(args)
-        .env("POTPTQ_ASSETS", "/nonexistent-assets")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run potptq")
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let out = potptq(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in: {stderr}");
-}
+use common::{fails_with, last_json, potptq, s, tiny_gguf};
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -40,19 +16,11 @@ struct Setup {
 
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny_llama");
-    let config = hf::read_config(&src).unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    let tensors = hf::read_tensors(&src).unwrap();
-    write_gguf(&model, &config, &tensors, &GgufVocab::single_bytes(config.vocab_size, "gpt2"), GgmlDType::F32).unwrap();
+    let model = tiny_gguf(tmp.path());
     let text = tmp.path().join("text.txt");
     std::fs::write(&text, "a quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(30)).unwrap();
     let out = tmp.path().join("out");
     Setup { _tmp: tmp, model, text, out }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn base_args<'a>(st: &'a Setup) -> Vec<&'a str> {
