@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh
 cargo build --release --locked
 bin=target/release/potptq
-$bin inspect | head -n 6
+$bin inspect | sed -n 1,6p
 # The whole test split at seq 512 takes ~9 minutes on 2 cores; MAX_WINDOWS bounds it.
 $bin eval --seq-len "${SEQ_LEN:-512}" ${MAX_WINDOWS:+--max-windows "$MAX_WINDOWS"}
 $bin generate --prompt "The history of the printing press" --max-tokens 48
