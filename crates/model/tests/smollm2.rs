@@ -62,8 +62,8 @@ fn greedy_generation_is_english() {
     assert!(stats.generated_tokens >= 2);
 }
 
-/// Token ids equal those of an independent tokenizer (transformers' GGUF reader, made by
-/// `tests/fixtures/make_tokenizer_fixture.py`) on Brown test text and on tricky strings.
+/// Token ids equal llama.cpp's own tokenizer for this GGUF (`llama-tokenize`, run by
+/// `tests/fixtures/make_tokenizer_fixture.sh`) on Brown test text and on tricky strings.
 #[test]
 fn tokenizer_matches_the_reference() {
     let m = smollm2();
