@@ -101,6 +101,36 @@ pub fn through_f16(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
 }
 
+fn refuse_existing(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && !force {
+        bail!("output {} already exists (pass --force to replace it)", dir.display());
+    }
+    Ok(())
+}
+
+/// Every tensor but the block linears' weights: embeddings and output projection in f16,
+/// norms and biases in f32 (or f16 too, with `all_f16`).
+fn unquantized_entries(model: &Model, all_f16: bool) -> Result<Vec<(String, Entry)>> {
+    let mut entries = vec![
+        ("model.embed_tokens.weight".to_string(), f32_entry(&model.embed_tokens, true)?),
+        ("model.norm.weight".to_string(), f32_entry(&model.norm, all_f16)?),
+    ];
+    if let Some(h) = &model.lm_head {
+        entries.push(("lm_head.weight".into(), f32_entry(h, true)?));
+    }
+    for (i, block) in model.blocks.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        entries.push((format!("{p}.input_layernorm.weight"), f32_entry(&block.attn_norm, all_f16)?));
+        entries.push((format!("{p}.post_attention_layernorm.weight"), f32_entry(&block.mlp_norm, all_f16)?));
+    }
+    for (i, lname, full) in linear_names(model.config.num_layers) {
+        if let Some(b) = &model.blocks[i].linear(lname).expect("block linear").bias {
+            entries.push((format!("{full}.bias"), f32_entry(b, all_f16)?));
+        }
+    }
+    Ok(entries)
+}
+
 /// Writes the checkpoint directory `dir`. The directory is assembled beside it and renamed
 /// into place; an existing `dir` is replaced only with `force`.
 pub fn save(
@@ -112,26 +142,10 @@ pub fn save(
     extra_files: &[(&str, &[u8])],
     force: bool,
 ) -> Result<()> {
-    if dir.exists() && !force {
-        bail!("output {} already exists (pass --force to replace it)", dir.display());
-    }
+    refuse_existing(dir, force)?;
     let c = &model.config;
-    let mut entries: Vec<(String, Entry)> = Vec::new();
-    entries.push(("model.embed_tokens.weight".into(), f32_entry(&model.embed_tokens, true)?));
-    entries.push(("model.norm.weight".into(), f32_entry(&model.norm, false)?));
-    if let Some(h) = &model.lm_head {
-        entries.push(("lm_head.weight".into(), f32_entry(h, true)?));
-    }
-    for (i, block) in model.blocks.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        entries.push((format!("{p}.input_layernorm.weight"), f32_entry(&block.attn_norm, false)?));
-        entries.push((format!("{p}.post_attention_layernorm.weight"), f32_entry(&block.mlp_norm, false)?));
-    }
-    for (i, lname, full) in linear_names(c.num_layers) {
-        let linear = model.blocks[i].linear(lname).expect("block linear");
-        if let Some(b) = &linear.bias {
-            entries.push((format!("{full}.bias"), f32_entry(b, false)?));
-        }
+    let mut entries = unquantized_entries(model, false)?;
+    for (_, _, full) in linear_names(c.num_layers) {
         let q = quantized.get(&full).with_context(|| format!("no quantized tensor for `{full}`"))?;
         let packed = q.packed_codes();
         let rows = q.layout.rows;
@@ -200,27 +214,11 @@ fn write_model_dir(
 /// Writes `model` as a plain Hugging Face directory that transformers loads: every tensor (the
 /// quantized linears dequantized) in f16, `config.json` without `quantization_config`.
 pub fn export_dequantized(dir: &Path, model: &Model, tokenizer: Option<&Tokenizer>, force: bool) -> Result<()> {
-    if dir.exists() && !force {
-        bail!("output {} already exists (pass --force to replace it)", dir.display());
-    }
-    let mut entries: Vec<(String, Entry)> = vec![
-        ("model.embed_tokens.weight".into(), f32_entry(&model.embed_tokens, true)?),
-        ("model.norm.weight".into(), f32_entry(&model.norm, true)?),
-    ];
-    if let Some(h) = &model.lm_head {
-        entries.push(("lm_head.weight".into(), f32_entry(h, true)?));
-    }
-    for (i, block) in model.blocks.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        entries.push((format!("{p}.input_layernorm.weight"), f32_entry(&block.attn_norm, true)?));
-        entries.push((format!("{p}.post_attention_layernorm.weight"), f32_entry(&block.mlp_norm, true)?));
-        for l in BLOCK_LINEARS {
-            let linear = block.linear(l).expect("block linear");
-            entries.push((format!("{p}.{l}.weight"), f32_entry(&linear.weight, true)?));
-            if let Some(b) = &linear.bias {
-                entries.push((format!("{p}.{l}.bias"), f32_entry(b, true)?));
-            }
-        }
+    refuse_existing(dir, force)?;
+    let mut entries = unquantized_entries(model, true)?;
+    for (i, lname, full) in linear_names(model.config.num_layers) {
+        let linear = model.blocks[i].linear(lname).expect("block linear");
+        entries.push((format!("{full}.weight"), f32_entry(&linear.weight, true)?));
     }
     let mut config = model.config.to_hf_json();
     config["torch_dtype"] = "float16".into();
