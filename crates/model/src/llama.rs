@@ -142,6 +142,11 @@ impl Rope {
         })
     }
 
+    /// The cosine and sine tables, `[positions, head_dim / 2]`.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first token sits at `pos`.
     fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
