@@ -68,6 +68,19 @@ impl Hessian {
         self.samples += tokens;
     }
 
+    /// Adds a Gram matrix `xᵀx` (`[cols, cols]`, row-major, symmetric) of `tokens` input rows,
+    /// computed elsewhere (e.g. on a GPU).
+    pub fn add_gram(&mut self, gram: &[f32], tokens: usize) {
+        let n = self.cols;
+        assert_eq!(gram.len(), n * n, "Hessian::add_gram: {} values for [{n}, {n}]", gram.len());
+        self.sum.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            for (j, s) in row[..=i].iter_mut().enumerate() {
+                *s += gram[i * n + j] as f64;
+            }
+        });
+        self.samples += tokens;
+    }
+
     /// The full symmetric `H`, row-major.
     pub fn matrix(&self) -> Vec<f64> {
         let n = self.cols;
@@ -407,6 +420,27 @@ mod tests {
             }
         }
         x
+    }
+
+    #[test]
+    fn gram_matrix_adds_like_activations() {
+        let (tokens, cols) = (37, 24);
+        let x = correlated_inputs(tokens, cols, 3);
+        let mut direct = Hessian::new(cols);
+        direct.add(&x, tokens);
+        let mut gram = vec![0f32; cols * cols];
+        for t in 0..tokens {
+            for i in 0..cols {
+                for j in 0..cols {
+                    gram[i * cols + j] += x[t * cols + i] * x[t * cols + j];
+                }
+            }
+        }
+        let mut via_gram = Hessian::new(cols);
+        via_gram.add_gram(&gram, tokens);
+        for (a, b) in direct.matrix().iter().zip(via_gram.matrix()) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
     }
 
     fn random_weights(n: usize, seed: u64) -> Vec<f32> {

@@ -239,6 +239,36 @@ pub fn quantize_pot_step1(name: &str, w: &[f32], layout: GroupLayout, bits: u8, 
     Ok(quantize_groups(w, layout, Format::Pot, bits, || GroupQuantizer::searched(Format::Pot, bits, grid)))
 }
 
+/// PoT codes of `w` under given per-group scales (`[rows, groups_per_row]`, e.g. refined by
+/// Step 2): each scale is rounded to f16 under the bit-add precondition, then every weight is
+/// encoded against the stored scale, so codes and scales agree exactly.
+pub fn quantize_pot_with_scales(name: &str, w: &[f32], layout: GroupLayout, bits: u8, scales: &[f32]) -> Result<QTensor> {
+    check_bits(Format::Pot, bits)?;
+    check_input(name, w, layout)?;
+    let gpr = layout.groups_per_row();
+    ensure!(scales.len() == layout.rows * gpr, "tensor `{name}`: {} scales for {} groups", scales.len(), layout.rows * gpr);
+    if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+        bail!("tensor `{name}`: scale {i} is {} (scales must be positive and finite)", scales[i]);
+    }
+    let params: Vec<GroupParams> = scales
+        .iter()
+        .map(|&s| {
+            let (scale, clamped) = pot_f16_scale(s, bits);
+            GroupParams { scale, zero: 0, clamped }
+        })
+        .collect();
+    let mut codes = vec![0u8; w.len()];
+    codes.par_chunks_mut(layout.cols).zip(w.par_chunks(layout.cols)).enumerate().for_each(|(r, (codes, row))| {
+        for g in 0..gpr {
+            let s = params[r * gpr + g].scale;
+            for c in layout.group_cols(g) {
+                codes[c] = pot::encode(row[c], s, bits);
+            }
+        }
+    });
+    Ok(QTensor::assemble(Format::Pot, bits, layout, codes, params))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +278,20 @@ mod tests {
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 0.05).collect()
+    }
+
+    #[test]
+    fn pot_with_step1_scales_reproduces_step1() {
+        let layout = GroupLayout::new(5, 200, 64).unwrap();
+        let w = random(layout.rows * layout.cols, 7);
+        let grid = Grid::default();
+        let s1 = quantize_pot_step1("w", &w, layout, 3, &grid).unwrap();
+        let again = quantize_pot_with_scales("w", &w, layout, 3, &s1.scales).unwrap();
+        assert_eq!(again.codes, s1.codes);
+        assert_eq!(again.scales, s1.scales);
+        let mut bad = s1.scales.clone();
+        bad[3] = -1.0;
+        assert!(quantize_pot_with_scales("w", &w, layout, 3, &bad).is_err());
     }
 
     fn all_formats() -> Vec<(Format, u8)> {

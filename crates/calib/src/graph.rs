@@ -1,0 +1,191 @@
+//! A transformer block as a differentiable candle graph, on any device.
+//!
+//! The inference forward (`potptq_model::llama`) uses ops that candle cannot differentiate: the
+//! fused rms-norm and rope, and a CPU attention kernel. Step 2 needs gradients through the
+//! block, on a GPU as well, so this forward is built from plain ops only: rms-norm from
+//! mean/sqrt, `rope_slow`, and `ops::softmax` over scores with an additive causal mask. It
+//! computes the same function as `Block::forward` (a test checks it).
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
+use potptq_model::Config;
+
+/// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
+    pub weights: [Tensor; 7],
+    pub biases: [Option<Tensor>; 7],
+}
+
+impl BlockWeights {
+    pub fn from_block(block: &Block, device: &Device) -> Result<Self> {
+        let linear = |i: usize| block.linear(BLOCK_LINEARS[i]).context("block linear");
+        let mut weights = Vec::with_capacity(7);
+        let mut biases = Vec::with_capacity(7);
+        for i in 0..7 {
+            let l = linear(i)?;
+            weights.push(l.weight.to_device(device)?);
+            biases.push(match &l.bias {
+                Some(b) => Some(b.to_device(device)?),
+                None => None,
+            });
+        }
+        let weights: [Tensor; 7] = weights.try_into().expect("seven linears");
+        let biases: [Option<Tensor>; 7] = biases.try_into().expect("seven linears");
+        Ok(Self { attn_norm: block.attn_norm.to_device(device)?, mlp_norm: block.mlp_norm.to_device(device)?, weights, biases })
+    }
+
+    /// The same block with other linear weights (e.g. quantized ones, or ones that carry a
+    /// gradient).
+    pub fn with_weights(&self, weights: [Tensor; 7]) -> Self {
+        Self { weights, ..self.clone() }
+    }
+
+    fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        let i = BLOCK_LINEARS.iter().position(|n| *n == name).context("block linear")?;
+        let w = &self.weights[i];
+        let (b, t, inp) = x.dims3()?;
+        let y = x.reshape((b * t, inp))?.matmul(&w.t()?)?;
+        let y = match &self.biases[i] {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok(y.reshape((b, t, w.dim(0)?))?)
+    }
+}
+
+/// The constant parts of the block graph for sequences of one length: rotary tables and the
+/// causal mask.
+#[derive(Debug, Clone)]
+pub struct BlockGraph {
+    cfg: Config,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[group · seq, seq]`: 0 where a query may see a key, −∞ after it; one copy per query
+    /// head of a KV group, since those heads are stacked along the query axis.
+    mask: Tensor,
+}
+
+impl BlockGraph {
+    /// Builds the graph's constants in `dtype` (f32 to train; f64 to check gradients).
+    pub fn new(cfg: &Config, rope: &Rope, seq_len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let (cos, sin) = rope.tables();
+        let group = cfg.num_heads / cfg.num_kv_heads;
+        let mask: Vec<f32> = (0..group * seq_len)
+            .flat_map(|row| {
+                let query = row % seq_len;
+                (0..seq_len).map(move |key| if key <= query { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            cos: cos.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
+            sin: sin.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
+            mask: Tensor::from_vec(mask, (group * seq_len, seq_len), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// The block's output for `x` (`[batch, seq, hidden]`), or, with `stop`, the input of that
+    /// stage's linears.
+    pub fn forward(&self, w: &BlockWeights, x: &Tensor, stop: Option<Stage>) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &w.attn_norm, eps)?;
+        if stop == Some(Stage::Qkv) {
+            return Ok(h);
+        }
+        let heads_out = self.attention(w, &h)?;
+        if stop == Some(Stage::O) {
+            return Ok(heads_out);
+        }
+        let x = (x + w.linear("self_attn.o_proj", &heads_out)?)?;
+        let h = rms_norm(&x, &w.mlp_norm, eps)?;
+        if stop == Some(Stage::GateUp) {
+            return Ok(h);
+        }
+        let act = (w.linear("mlp.gate_proj", &h)?.silu()? * w.linear("mlp.up_proj", &h)?)?;
+        if stop == Some(Stage::Down) {
+            return Ok(act);
+        }
+        Ok((x + w.linear("mlp.down_proj", &act)?)?)
+    }
+
+    /// Causal attention with grouped KV heads. The query heads that share a KV head are stacked
+    /// along the sequence axis, so one batched product per KV head serves them all without
+    /// copying keys and values.
+    fn attention(&self, w: &BlockWeights, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let group = nh / nkv;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
+            Ok(candle_nn::rotary_emb::rope_slow(&y, &self.cos, &self.sin)?)
+        };
+        let q = heads(w.linear("self_attn.q_proj", x)?, nh)?.contiguous()?.reshape((b, nkv, group * t, hd))?;
+        let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?.contiguous()?;
+        let v = w.linear("self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&self.mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight` over the last axis, from differentiable ops.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let rms = (mean_sq + eps)?.sqrt()?;
+    Ok(x.broadcast_div(&rms)?.broadcast_mul(weight)?)
+}
+
+/// Mean squared error over every element.
+pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.mean_all()?)
+}
+
+/// Embeds token segments (all of one length) in mini-batches of `batch` segments, on `device`.
+pub fn embed_batches(model: &potptq_model::Model, segments: &[Vec<u32>], batch: usize, device: &Device) -> Result<Vec<Tensor>> {
+    segments
+        .chunks(batch.max(1))
+        .map(|chunk| {
+            let len = chunk[0].len();
+            let ids = Tensor::from_vec(chunk.concat(), (chunk.len(), len), &Device::Cpu)?;
+            Ok(model.embed(&ids)?.to_dtype(DType::F32)?.to_device(device)?)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use potptq_model::llama::Model;
+
+    /// The tiny qwen2 fixture: grouped KV heads, q/k/v biases.
+    pub(crate) fn tiny_model() -> Model {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny_qwen2");
+        potptq_model::load(&dir).unwrap().model
+    }
+
+    #[test]
+    fn graph_forward_equals_the_inference_forward() {
+        let model = tiny_model();
+        let graph = BlockGraph::new(&model.config, &model.rope, 9, DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec((0..18u32).map(|i| (i * 7) % 64).collect::<Vec<_>>(), (2, 9), &Device::Cpu).unwrap();
+        let x = model.embed(&ids).unwrap();
+        for block in &model.blocks {
+            let w = BlockWeights::from_block(block, &Device::Cpu).unwrap();
+            let ours = graph.forward(&w, &x, None).unwrap();
+            let theirs = block.forward(&model.config, &model.rope, &x, 0, None).unwrap();
+            let diff = (ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "block output differs by {diff}");
+            for stage in Stage::ALL {
+                let ours = graph.forward(&w, &x, Some(stage)).unwrap();
+                let theirs = block.stage_input(&model.config, &model.rope, &x, stage).unwrap();
+                let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "{stage:?} input differs by {diff}");
+            }
+        }
+    }
+}

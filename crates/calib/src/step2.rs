@@ -1,0 +1,373 @@
+//! Step 2: data-dependent refinement of the PoT scales, one block at a time.
+//!
+//! Each group learns a residual `Γ`, `ŝ = s ⊙ (1 + Γ)`, starting at 0 from the scales the block
+//! was quantized with (Step 1's, `s0`, or GPTQ's). At every step the codes are recomputed from
+//! `ŝ`, and the straight-through estimator treats them as constants: `W̃ = ŝ · P·2^E` with
+//! `P·2^E` detached, so `∂W̃/∂ŝ = P·2^E`. The loss is the mean squared error between the
+//! quantized block's output and the full-precision block's output on the calibration segments,
+//! plus `(λ/2)‖Γ‖²`; Adam minimizes it.
+
+use std::f64::consts::LN_2;
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use potptq_quant::{pot, GroupLayout};
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{mse, BlockGraph, BlockWeights};
+
+/// How weight decay on `Γ` enters the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decay {
+    /// `(λ/2)‖Γ‖²` added to the loss: Adam sees `∇ + λΓ` (the method as written).
+    L2,
+    /// AdamW's decoupled decay: `Γ ← Γ − lr·λ·Γ`, outside Adam's normalization.
+    Decoupled,
+}
+
+/// What the quantized block reads during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step2Input {
+    /// The output of the already-quantized preceding blocks (the method as written).
+    Quantized,
+    /// The full-precision model's activations, as the FP block reads them.
+    Fp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step2Options {
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub decay: Decay,
+    pub input: Step2Input,
+    /// Calibration segments per Adam step.
+    pub batch: usize,
+}
+
+impl Step2Options {
+    /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
+    /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
+    pub fn paper(bits: u8) -> Self {
+        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1 }
+    }
+
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.epochs > 0, "Step 2 needs at least one epoch");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "Step 2 learning rate must be positive (got {})", self.lr);
+        ensure!(self.weight_decay.is_finite() && self.weight_decay >= 0.0, "Step 2 weight decay must be ≥ 0 (got {})", self.weight_decay);
+        ensure!(self.batch > 0, "Step 2 needs at least one segment per step");
+        Ok(())
+    }
+}
+
+/// The learnable scales of one linear, and the weights its codes are computed from.
+pub struct LearnedScales {
+    /// `|W|` and `sign(W)` (+1 at zero), `[rows, cols]`.
+    magnitude: Tensor,
+    sign: Tensor,
+    /// The starting scales `s`, `[rows, groups]`.
+    base: Tensor,
+    gamma: Var,
+    /// Column → its group, to spread group scales over columns (ragged last groups included).
+    group_of_col: Tensor,
+    qmax: f64,
+    adam: Adam,
+}
+
+impl LearnedScales {
+    /// `source` is `[rows, cols]` on the training device; `scales` are `s`, row-major
+    /// `[rows, groups]`.
+    pub fn new(source: &Tensor, scales: &[f32], layout: GroupLayout, bits: u8) -> Result<Self> {
+        let device = source.device();
+        let groups = layout.groups_per_row();
+        ensure!(scales.len() == layout.rows * groups, "{} scales for {} groups", scales.len(), layout.rows * groups);
+        let group_of_col: Vec<u32> = (0..layout.cols).map(|c| (c / layout.group_size) as u32).collect();
+        let shape = (layout.rows, groups);
+        Ok(Self {
+            magnitude: source.abs()?,
+            sign: ((source.ge(0f64)?.to_dtype(source.dtype())? * 2.0)? - 1.0)?,
+            base: Tensor::from_slice(scales, shape, device)?.to_dtype(source.dtype())?,
+            gamma: Var::zeros(shape, source.dtype(), device)?,
+            group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
+            qmax: pot::qmax(bits) as f64,
+            adam: Adam::new(shape, source.dtype(), device)?,
+        })
+    }
+
+    /// `ŝ = s ⊙ (1 + Γ)`, `[rows, groups]`.
+    pub fn scales(&self) -> Result<Tensor> {
+        Ok(self.base.mul(&(self.gamma.as_tensor() + 1.0)?)?)
+    }
+
+    /// `W̃ = ŝ · P·2^E`, with the codes `P·2^E` recomputed from `ŝ` and held constant in the
+    /// backward pass.
+    pub fn weight(&self) -> Result<Tensor> {
+        let s = self.scales()?.index_select(&self.group_of_col, 1)?;
+        let levels = self.levels(&s.detach())?;
+        Ok(s.mul(&levels)?)
+    }
+
+    /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`.
+    fn levels(&self, s: &Tensor) -> Result<Tensor> {
+        let e = ((self.magnitude.div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
+        // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
+        Ok((e * LN_2)?.exp()?.round()?.mul(&self.sign)?)
+    }
+
+    /// The refined scales, row-major `[rows, groups]`.
+    pub fn final_scales(&self) -> Result<Vec<f32>> {
+        Ok(self.scales()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    pub fn gamma(&self) -> Result<Vec<f32>> {
+        Ok(self.gamma.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn step(&mut self, grad: Option<&Tensor>, opts: &Step2Options) -> Result<()> {
+        let gamma = self.gamma.as_tensor();
+        let mut g = match grad {
+            Some(g) => g.clone(),
+            None => gamma.zeros_like()?,
+        };
+        if opts.decay == Decay::L2 && opts.weight_decay > 0.0 {
+            g = (g + (gamma * opts.weight_decay)?)?;
+        }
+        let mut next = (gamma - self.adam.update(&g, opts.lr)?)?;
+        if opts.decay == Decay::Decoupled && opts.weight_decay > 0.0 {
+            next = (next - (gamma * (opts.lr * opts.weight_decay))?)?;
+        }
+        self.gamma.set(&next)?;
+        Ok(())
+    }
+}
+
+/// Adam's moment estimates for one tensor.
+struct Adam {
+    m: Tensor,
+    v: Tensor,
+    t: i32,
+}
+
+impl Adam {
+    const BETA1: f64 = 0.9;
+    const BETA2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self { m: Tensor::zeros(shape, dtype, device)?, v: Tensor::zeros(shape, dtype, device)?, t: 0 })
+    }
+
+    /// The step to subtract for gradient `g`.
+    fn update(&mut self, g: &Tensor, lr: f64) -> Result<Tensor> {
+        self.t += 1;
+        self.m = ((&self.m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
+        self.v = ((&self.v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
+        let m_hat = (&self.m / (1.0 - Self::BETA1.powi(self.t)))?;
+        let v_hat = (&self.v / (1.0 - Self::BETA2.powi(self.t)))?;
+        Ok(((m_hat / (v_hat.sqrt()? + Self::EPS)?)? * lr)?)
+    }
+}
+
+/// What Step 2 did to one block.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefineReport {
+    /// Mean block-output MSE of each epoch (the first is with the starting scales, as they move).
+    pub epoch_losses: Vec<f64>,
+    /// MSE with the starting scales and with the final ones, over all calibration batches.
+    pub loss_before: f64,
+    pub loss_after: f64,
+    pub gamma: GammaStats,
+    pub seconds: f64,
+}
+
+/// The distribution of the learned `Γ` over every group of the block.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GammaStats {
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub mean_abs: f64,
+}
+
+impl GammaStats {
+    pub fn of(values: &[f32]) -> Self {
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            mean,
+            std: var.sqrt(),
+            min: values.iter().fold(f64::INFINITY, |a, &v| a.min(v as f64)),
+            max: values.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64)),
+            mean_abs: values.iter().map(|&v| (v as f64).abs()).sum::<f64>() / n,
+        }
+    }
+}
+
+/// The block with the current quantized weights of `scales` (in `BLOCK_LINEARS` order).
+pub fn quantized_weights(fp: &BlockWeights, scales: &[LearnedScales]) -> Result<BlockWeights> {
+    let weights: Vec<Tensor> = scales.iter().map(|s| s.weight()).collect::<Result<_>>()?;
+    Ok(fp.with_weights(weights.try_into().map_err(|_| anyhow::anyhow!("a block has seven linears"))?))
+}
+
+/// Mean block-output MSE over `inputs` → `targets` with the current scales, no gradient.
+pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales], inputs: &[Tensor], targets: &[Tensor]) -> Result<f64> {
+    let w = quantized_weights(fp, scales)?;
+    let mut sum = 0.0;
+    for (x, y) in inputs.iter().zip(targets) {
+        sum += mse(&graph.forward(&w, x, None)?.detach(), y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(sum / inputs.len().max(1) as f64)
+}
+
+/// Trains the scales of one block (`scales`, one per linear in `BLOCK_LINEARS` order) so that
+/// the quantized block maps `inputs` to `targets`; batches are visited in order every epoch.
+pub fn refine_block(
+    graph: &BlockGraph,
+    fp: &BlockWeights,
+    scales: &mut [LearnedScales],
+    inputs: &[Tensor],
+    targets: &[Tensor],
+    opts: &Step2Options,
+) -> Result<RefineReport> {
+    opts.check()?;
+    let start = Instant::now();
+    let loss_before = block_loss(graph, fp, scales, inputs, targets)?;
+    let mut epoch_losses = Vec::with_capacity(opts.epochs);
+    for _ in 0..opts.epochs {
+        let mut sum = 0.0;
+        for (x, y) in inputs.iter().zip(targets) {
+            let loss = mse(&graph.forward(&quantized_weights(fp, scales)?, x, None)?, y)?;
+            let grads = loss.backward()?;
+            for s in scales.iter_mut() {
+                let g = grads.get(s.gamma.as_tensor()).cloned();
+                s.step(g.as_ref(), opts)?;
+            }
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        let mean = sum / inputs.len().max(1) as f64;
+        ensure!(mean.is_finite(), "Step 2 diverged (loss {mean}); lower the learning rate");
+        epoch_losses.push(mean);
+    }
+    let loss_after = block_loss(graph, fp, scales, inputs, targets)?;
+    let gamma: Vec<f32> = scales.iter().map(|s| s.gamma()).collect::<Result<Vec<_>>>()?.concat();
+    Ok(RefineReport { epoch_losses, loss_before, loss_after, gamma: GammaStats::of(&gamma), seconds: start.elapsed().as_secs_f64() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::tests::tiny_model;
+    use potptq_model::llama::BLOCK_LINEARS;
+    use potptq_quant::{quantize_pot_step1, Grid};
+
+    /// Step 1 scales for every linear of `block`, in `dtype`.
+    fn learned(block: &potptq_model::llama::Block, cfg: &potptq_model::Config, bits: u8, group: usize, dtype: DType) -> Vec<LearnedScales> {
+        BLOCK_LINEARS
+            .iter()
+            .map(|name| {
+                let w = &block.linear(name).unwrap().weight;
+                let (rows, cols) = cfg.linear_shape(name);
+                let layout = GroupLayout::new(rows, cols, group).unwrap();
+                let q = quantize_pot_step1(name, &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), layout, bits, &Grid::default()).unwrap();
+                LearnedScales::new(&w.to_dtype(dtype).unwrap(), &q.scales, layout, bits).unwrap()
+            })
+            .collect()
+    }
+
+    fn to_dtype(w: &BlockWeights, dtype: DType) -> BlockWeights {
+        let conv = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        BlockWeights {
+            attn_norm: conv(&w.attn_norm),
+            mlp_norm: conv(&w.mlp_norm),
+            weights: w.weights.clone().map(|t| conv(&t)),
+            biases: w.biases.clone().map(|b| b.map(|t| conv(&t))),
+        }
+    }
+
+    /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
+    /// with central differences of that function, in f64, for groups of every linear.
+    #[test]
+    fn block_gradient_matches_finite_differences() {
+        let model = tiny_model();
+        let cfg = &model.config;
+        let dtype = DType::F64;
+        let graph = BlockGraph::new(cfg, &model.rope, 7, dtype, &Device::Cpu).unwrap();
+        let block = &model.blocks[1];
+        let fp = to_dtype(&BlockWeights::from_block(block, &Device::Cpu).unwrap(), dtype);
+        let ids = Tensor::from_vec((0..14u32).map(|i| (i * 11 + 3) % 100).collect::<Vec<_>>(), (2, 7), &Device::Cpu).unwrap();
+        let x = model.embed(&ids).unwrap().to_dtype(dtype).unwrap();
+        let target = graph.forward(&fp, &x, None).unwrap();
+        let mut scales = learned(block, cfg, 3, 32, dtype);
+        // Move Γ away from 0 so that every term of the product rule is exercised.
+        for (i, s) in scales.iter_mut().enumerate() {
+            let g = s.gamma.as_tensor();
+            let shifted = (g.ones_like().unwrap() * (0.01 * (i as f64 + 1.0))).unwrap();
+            s.gamma.set(&shifted).unwrap();
+        }
+        let loss = mse(&graph.forward(&quantized_weights(&fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap();
+        let grads = loss.backward().unwrap();
+
+        // The codes at the current Γ, frozen.
+        let frozen: Vec<Tensor> = scales
+            .iter()
+            .map(|s| s.levels(&s.scales().unwrap().index_select(&s.group_of_col, 1).unwrap()).unwrap())
+            .collect();
+        let loss_at = |scales: &[LearnedScales]| -> f64 {
+            let weights: Vec<Tensor> = scales
+                .iter()
+                .zip(&frozen)
+                .map(|(s, lv)| s.scales().unwrap().index_select(&s.group_of_col, 1).unwrap().mul(lv).unwrap())
+                .collect();
+            let w = fp.with_weights(weights.try_into().unwrap());
+            mse(&graph.forward(&w, &x, None).unwrap(), &target).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let h = 1e-7;
+        for li in 0..scales.len() {
+            let grad = grads.get(scales[li].gamma.as_tensor()).expect("every Γ gets a gradient");
+            let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(grad.iter().any(|g| g.abs() > 1e-9), "{}: zero gradient", BLOCK_LINEARS[li]);
+            let gamma0: Vec<f64> = scales[li].gamma.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let shape = scales[li].gamma.as_tensor().shape().clone();
+            for &k in &[0, gamma0.len() / 2, gamma0.len() - 1] {
+                let at = |delta: f64| {
+                    let mut g = gamma0.clone();
+                    g[k] += delta;
+                    scales[li].gamma.set(&Tensor::from_vec(g, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+                    loss_at(&scales)
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                scales[li].gamma.set(&Tensor::from_vec(gamma0.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
+                let err = (numeric - grad[k]).abs();
+                assert!(err <= 1e-5 * numeric.abs().max(1e-6), "{} group {k}: autograd {} vs finite difference {numeric}", BLOCK_LINEARS[li], grad[k]);
+            }
+        }
+    }
+
+    #[test]
+    fn training_lowers_the_block_loss() {
+        let model = tiny_model();
+        let cfg = &model.config;
+        let graph = BlockGraph::new(cfg, &model.rope, 16, DType::F32, &Device::Cpu).unwrap();
+        let block = &model.blocks[0];
+        let fp = BlockWeights::from_block(block, &Device::Cpu).unwrap();
+        let inputs: Vec<Tensor> = (0..4u32)
+            .map(|b| {
+                let ids = Tensor::from_vec((0..16u32).map(|i| (i * 13 + b * 29) % 100).collect::<Vec<_>>(), (1, 16), &Device::Cpu).unwrap();
+                model.embed(&ids).unwrap()
+            })
+            .collect();
+        let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).unwrap()).collect();
+        let mut scales = learned(block, cfg, 2, 32, DType::F32);
+        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1 };
+        let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts).unwrap();
+        assert_eq!(report.epoch_losses.len(), 30);
+        assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);
+        assert!(report.gamma.mean_abs > 0.0);
+    }
+}
