@@ -4,7 +4,10 @@ pub mod blockwise;
 pub mod graph;
 pub mod methods;
 pub mod segments;
+pub mod state;
 pub mod step2;
 
-pub use blockwise::{quantize_model, QuantizeOptions, QuantizedModel};
+pub use blockwise::{quantize_model, BlockSummary, QuantizeOptions, QuantizedModel};
+pub use state::RunState;
+pub use step2::{Decay, Step2Input, Step2Options};
 pub use methods::Method;

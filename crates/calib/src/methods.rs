@@ -21,11 +21,38 @@ pub enum Method {
     PotS1,
     /// GPTQ error feedback with the PoT quantizer and Step-1 scales per group.
     PotGptq,
+    /// Step 2 from `s0` scales: the paper's "Step 2 only".
+    PotS2,
+    /// Step 1, then Step 2: PoTPTQ as the paper runs it.
+    PotS1S2,
+    /// PoT-GPTQ, then Step 2 on its scales (its codes stay GPTQ's).
+    PotGptqS2,
+}
+
+/// How a method quantizes a block before any Step 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// From the weights alone: min-max INT, or PoT with `s0` scales.
+    Rtn,
+    /// PoT with Step 1's grid-searched scales.
+    Step1,
+    /// GPTQ on the calibration activations.
+    Gptq,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] =
-        [Method::RtnInt, Method::GptqInt, Method::RtnIntSym, Method::GptqIntSym, Method::PotRtn, Method::PotS1, Method::PotGptq];
+    pub const ALL: [Method; 10] = [
+        Method::RtnInt,
+        Method::GptqInt,
+        Method::RtnIntSym,
+        Method::GptqIntSym,
+        Method::PotRtn,
+        Method::PotS1,
+        Method::PotGptq,
+        Method::PotS2,
+        Method::PotS1S2,
+        Method::PotGptqS2,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,14 +63,20 @@ impl Method {
             Method::PotRtn => "pot-rtn",
             Method::PotS1 => "pot-s1",
             Method::PotGptq => "pot-gptq",
+            Method::PotS2 => "pot-s2",
+            Method::PotS1S2 => "pot-s1-s2",
+            Method::PotGptqS2 => "pot-gptq-s2",
         }
     }
 
     pub fn parse(s: &str) -> Result<Self> {
+        if s == "potptq" {
+            return Ok(Method::PotS1S2);
+        }
         match Self::ALL.iter().find(|m| m.name() == s) {
             Some(m) => Ok(*m),
             None => bail!(
-                "unknown method `{s}` (known: {})",
+                "unknown method `{s}` (known: {}, and potptq = pot-s1-s2)",
                 Self::ALL.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
             ),
         }
@@ -53,13 +86,26 @@ impl Method {
         match self {
             Method::RtnInt | Method::GptqInt => Format::IntAsym,
             Method::RtnIntSym | Method::GptqIntSym => Format::IntSym,
-            Method::PotRtn | Method::PotS1 | Method::PotGptq => Format::Pot,
+            _ => Format::Pot,
         }
+    }
+
+    pub fn init(self) -> Init {
+        match self {
+            Method::RtnInt | Method::RtnIntSym | Method::PotRtn | Method::PotS2 => Init::Rtn,
+            Method::PotS1 | Method::PotS1S2 => Init::Step1,
+            Method::GptqInt | Method::GptqIntSym | Method::PotGptq | Method::PotGptqS2 => Init::Gptq,
+        }
+    }
+
+    /// Refines the scales with Step 2.
+    pub fn refines(self) -> bool {
+        matches!(self, Method::PotS2 | Method::PotS1S2 | Method::PotGptqS2)
     }
 
     /// Needs calibration activations.
     pub fn uses_data(self) -> bool {
-        matches!(self, Method::GptqInt | Method::GptqIntSym | Method::PotGptq)
+        self.init() == Init::Gptq || self.refines()
     }
 
     /// What produced the scales, for `quantization_config.steps`.
@@ -72,6 +118,9 @@ impl Method {
             Method::PotRtn => &["s0"],
             Method::PotS1 => &["step1"],
             Method::PotGptq => &["step1", "gptq"],
+            Method::PotS2 => &["s0", "step2"],
+            Method::PotS1S2 => &["step1", "step2"],
+            Method::PotGptqS2 => &["step1", "gptq", "step2"],
         };
         s.iter().map(|x| x.to_string()).collect()
     }

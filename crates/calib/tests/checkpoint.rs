@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use potptq_calib::{quantize_model, Method, QuantizeOptions};
 use potptq_model::checkpoint::{self, QuantConfig};
-use potptq_quant::{GptqOptions, Grid};
 
 fn tiny(name: &str) -> potptq_model::LoadedModel {
     potptq_model::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)).unwrap()
@@ -23,8 +22,8 @@ fn save_then_load_gives_identical_tensors() {
         ("tiny_llama", Method::RtnIntSym, 3, 32),
     ] {
         let fp = tiny(fixture);
-        let opts = QuantizeOptions { method, bits, group_size: group, grid: Grid::default(), gptq: GptqOptions::default(), batch: 1 };
-        let q = quantize_model(&fp.model, &opts, None, |_, _| {}).unwrap();
+        let opts = QuantizeOptions::new(method, bits, group);
+        let q = quantize_model(&fp.model, &opts, None, None, |_, _| {}).unwrap();
         let qc = QuantConfig {
             quant_method: checkpoint::QUANT_METHOD.into(),
             format: if method.format() == potptq_quant::Format::Pot { "pot".into() } else { "int".into() },

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use potptq_calib::{quantize_model, Method, QuantizeOptions};
-use potptq_quant::{GptqOptions, Grid};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -14,15 +13,8 @@ fn fixtures() -> PathBuf {
 #[test]
 fn exported_model_matches_transformers() {
     let fp = potptq_model::load(&fixtures().join("tiny_qwen2")).unwrap();
-    let opts = QuantizeOptions {
-        method: Method::PotS1,
-        bits: 3,
-        group_size: 32,
-        grid: Grid::default(),
-        gptq: GptqOptions::default(),
-        batch: 1,
-    };
-    let q = quantize_model(&fp.model, &opts, None, |_, _| {}).unwrap();
+    let opts = QuantizeOptions::new(Method::PotS1, 3, 32);
+    let q = quantize_model(&fp.model, &opts, None, None, |_, _| {}).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("export");
     potptq_model::checkpoint::export_dequantized(&dir, &q.model, None, false).unwrap();

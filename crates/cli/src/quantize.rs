@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use potptq_calib::segments::{self, SegmentOptions};
-use potptq_calib::{quantize_model, Method, QuantizeOptions};
+use potptq_calib::{quantize_model, BlockSummary, Decay, Method, QuantizeOptions, RunState, Step2Input, Step2Options};
 use potptq_model::checkpoint::{self, QuantConfig};
 use potptq_model::corpus::{brown_split, Split};
 use potptq_model::perplexity::{perplexity, PplOptions, Scoring};
 use potptq_model::tokenizer::encode;
 use potptq_quant::{Format, GptqOptions, Grid};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::common::{assets_dir, load_text, model_path, print_json, progress_bar};
@@ -26,8 +26,10 @@ pub struct Args {
     /// Bit widths, e.g. 2,3,4.
     #[arg(long, value_delimiter = ',', default_value = "3")]
     bits: Vec<u8>,
-    /// Methods: rtn-int, gptq-int, rtn-int-sym, gptq-int-sym, pot-rtn, pot-s1, pot-gptq.
-    #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-rtn,pot-s1,pot-gptq")]
+    /// Methods: rtn-int, gptq-int, rtn-int-sym, gptq-int-sym, pot-rtn, pot-s1, pot-gptq, pot-s2,
+    /// pot-s1-s2 (= potptq), pot-gptq-s2; or a set: `ablation` (the paper's four rows, then
+    /// PoT-GPTQ with and without Step 2), `compare` (FP baselines against every PoT method).
+    #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-s1-s2")]
     methods: Vec<String>,
     /// Weights per scale (a row's last group may be shorter).
     #[arg(long, default_value_t = 128)]
@@ -35,15 +37,19 @@ pub struct Args {
     /// Output directory: one checkpoint per method and bits, plus report.{json,md}.
     #[arg(long)]
     out: PathBuf,
-    /// Replace an existing output directory.
+    /// Start over: replace an existing output directory instead of resuming the run in it.
     #[arg(long)]
     force: bool,
+    /// `paper`: 128 calibration segments of 2048 tokens (the model's context if shorter), as
+    /// the paper calibrates. Default: the CPU budget, 32 segments of 512 tokens.
+    #[arg(long)]
+    protocol: Option<Protocol>,
     /// Calibration segments drawn from the Brown calibration split (or --calib-text).
-    #[arg(long, default_value_t = 32)]
-    calib_segments: usize,
+    #[arg(long)]
+    calib_segments: Option<usize>,
     /// Tokens per calibration segment.
-    #[arg(long, default_value_t = 512)]
-    calib_len: usize,
+    #[arg(long)]
+    calib_len: Option<usize>,
     #[arg(long)]
     calib_text: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
@@ -61,6 +67,30 @@ pub struct Args {
     /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
     #[arg(long)]
     act_order: bool,
+    /// Step 2 epochs (default: 10 at 3 and 4 bits, 40 at 2 bits).
+    #[arg(long)]
+    s2_epochs: Option<usize>,
+    /// Step 2 Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    s2_lr: f64,
+    /// Step 2 weight decay λ on Γ.
+    #[arg(long, default_value_t = 0.1)]
+    s2_weight_decay: f64,
+    /// `l2`: (λ/2)‖Γ‖² in the loss (the method as written); `decoupled`: AdamW's decay.
+    #[arg(long, value_enum, default_value = "l2")]
+    s2_decay: DecayArg,
+    /// What the block being trained reads: the quantized model's activations or the FP model's.
+    #[arg(long, value_enum, default_value = "quantized")]
+    s2_input: InputArg,
+    /// Calibration segments per Step 2 step.
+    #[arg(long, default_value_t = 1)]
+    s2_batch: usize,
+    /// Where Step 2 runs: cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Stop after this many blocks of a method (to exercise resuming).
+    #[arg(long, hide = true)]
+    stop_after_blocks: Option<usize>,
     /// Evaluation text (default: the Brown test split).
     #[arg(long)]
     text: Option<PathBuf>,
@@ -75,7 +105,61 @@ pub struct Args {
     json: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Protocol {
+    Paper,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DecayArg {
+    L2,
+    Decoupled,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputArg {
+    Quantized,
+    Fp,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// The CPU budget: a 2-core machine quantizes SmolLM2-135M with Step 2 in minutes.
+const CPU_CALIBRATION: (usize, usize) = (32, 512);
+const PAPER_CALIBRATION: (usize, usize) = (128, 2048);
+
+/// Named sets of methods for `--methods`.
+fn expand_methods(names: &[String]) -> Result<Vec<Method>> {
+    let mut out = Vec::new();
+    for name in names {
+        let set: &[&str] = match name.as_str() {
+            "ablation" => &["pot-rtn", "pot-s1", "pot-s2", "pot-s1-s2", "pot-gptq", "pot-gptq-s2"],
+            "compare" => &["rtn-int", "gptq-int", "pot-s1", "pot-s1-s2", "pot-gptq", "pot-gptq-s2"],
+            other => &[other][..],
+        };
+        for m in set {
+            let m = Method::parse(m)?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn device(arg: DeviceArg) -> Result<candle_core::Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceArg::Cuda if candle_core::utils::cuda_is_available() => Ok(candle_core::Device::new_cuda(0)?),
+        DeviceArg::Cuda => bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
+    }
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
 struct Settings {
     model: String,
     text: String,
@@ -89,19 +173,52 @@ struct Settings {
     grid: (f32, f32, usize),
     damp: f32,
     act_order: bool,
-    reference: &'static str,
+    step2: Step2Settings,
+    reference: String,
+}
+
+/// Step 2's settings as given; epochs `None` means the per-bits default.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+struct Step2Settings {
+    epochs: Option<usize>,
+    lr: f64,
+    weight_decay: f64,
+    decay: Decay,
+    input: Step2Input,
+    batch: usize,
+    device: String,
+}
+
+/// Where a run keeps what it needs to resume: its settings, finished rows, per-block states.
+fn state_dir(out: &Path) -> PathBuf {
+    out.join(".state")
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt (pass --force to start over)", path.display()))?))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)?;
+    potptq_model::atomic_write(path, |w| Ok(std::io::Write::write_all(w, &bytes)?))
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let methods: Vec<Method> = args.methods.iter().map(|m| Method::parse(m)).collect::<Result<_>>()?;
+    let methods = expand_methods(&args.methods)?;
     for &bits in &args.bits {
         for m in &methods {
             potptq_quant::qtensor::check_bits(m.format(), bits)?;
         }
     }
-    if args.out.exists() && !args.force {
-        bail!("output {} already exists (pass --force to replace it)", args.out.display());
-    }
+    let (default_segments, default_len) = match args.protocol {
+        Some(Protocol::Paper) => PAPER_CALIBRATION,
+        None => CPU_CALIBRATION,
+    };
+    let device = device(args.device)?;
     let path = model_path(args.model.clone())?;
     let loaded = potptq_model::load(&path)?;
     let fp = &loaded.model;
@@ -110,28 +227,75 @@ pub fn run(args: Args) -> Result<()> {
         let (rows, cols) = fp.config.linear_shape(linear);
         potptq_quant::GroupLayout::new(rows, cols, args.group_size).with_context(|| format!("--group-size for {linear}"))?;
     }
+    let calib_opts = SegmentOptions {
+        count: args.calib_segments.unwrap_or(default_segments),
+        len: args.calib_len.unwrap_or(default_len.min(fp.config.max_position_embeddings)),
+        seed: args.seed,
+    };
+    let s2_settings = Step2Settings {
+        epochs: args.s2_epochs,
+        lr: args.s2_lr,
+        weight_decay: args.s2_weight_decay,
+        decay: match args.s2_decay {
+            DecayArg::L2 => Decay::L2,
+            DecayArg::Decoupled => Decay::Decoupled,
+        },
+        input: match args.s2_input {
+            InputArg::Quantized => Step2Input::Quantized,
+            InputArg::Fp => Step2Input::Fp,
+        },
+        batch: args.s2_batch,
+        device: if args.device == DeviceArg::Cuda { "cuda" } else { "cpu" }.into(),
+    };
+    let step2_for = |bits: u8| Step2Options {
+        epochs: s2_settings.epochs.unwrap_or(Step2Options::paper(bits).epochs),
+        lr: s2_settings.lr,
+        weight_decay: s2_settings.weight_decay,
+        decay: s2_settings.decay,
+        input: s2_settings.input,
+        batch: s2_settings.batch,
+    };
+    for &bits in &args.bits {
+        step2_for(bits).check()?;
+    }
     let tokenizer = loaded.tokenizer()?;
     let text = load_text(args.text.as_deref())?;
     let tokens = encode(tokenizer, &text.content)?;
     let ppl_opts = PplOptions { seq_len: args.seq_len, max_windows: Some(args.max_windows), scoring: Scoring::All, batch: (2048 / args.seq_len).clamp(1, 8) };
 
-    let calib_opts = SegmentOptions { count: args.calib_segments, len: args.calib_len, seed: args.seed };
     let needs_data = methods.iter().any(|m| m.uses_data());
-    let (calib_name, calib) = if needs_data {
-        let (name, content) = match &args.calib_text {
-            Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
-            None => ("brown-calibration".to_string(), brown_split(&assets_dir().join("brown"), Split::Calibration)?),
+    let calib_name = match &args.calib_text {
+        Some(p) => p.display().to_string(),
+        None => "brown-calibration".to_string(),
+    };
+    let calib = if needs_data {
+        let content = match &args.calib_text {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+            None => brown_split(&assets_dir().join("brown"), Split::Calibration)?,
         };
-        let calib_tokens = encode(tokenizer, &content)?;
-        (name, Some(segments::draw(&calib_tokens, &calib_opts)?))
+        Some(segments::draw(&encode(tokenizer, &content)?, &calib_opts)?)
     } else {
-        ("none".to_string(), None)
+        None
     };
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let probe = args.out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", args.out.display()))?;
-    std::fs::remove_file(&probe)?;
+    let model_id = format!("{} ({} bytes)", path.display(), file_size(&path));
+    let settings = Settings {
+        model: model_id.clone(),
+        text: text.name.clone(),
+        text_sha256: text.sha256(),
+        seq_len: args.seq_len,
+        windows: args.max_windows,
+        tokens_scored: 0,
+        group_size: args.group_size,
+        calibration: calib_opts.clone(),
+        calibration_text: calib_name,
+        grid: (args.grid_lo, args.grid_hi, args.grid_points),
+        damp: args.damp,
+        act_order: args.act_order,
+        step2: s2_settings.clone(),
+        reference: "FP = the source model's weights dequantized to f32; every method starts from them".into(),
+    };
+    let state = prepare_output(&args.out, args.force, &settings)?;
 
     let evaluate = |model: &potptq_model::Model, what: &str| -> Result<potptq_model::perplexity::PplResult> {
         let bar = progress_bar(0, &format!("eval {what}"));
@@ -143,12 +307,31 @@ pub fn run(args: Args) -> Result<()> {
         Ok(r)
     };
 
-    let fp_ppl = evaluate(fp, "fp")?;
-    eprintln!("fp: ppl {:.4}", fp_ppl.ppl);
-    let mut rows = vec![Row::fp(fp_ppl.ppl, file_size(&path))];
+    let fp_row = match read_json::<FpResult>(&state.join("fp.json"))? {
+        Some(r) => {
+            eprintln!("fp: ppl {:.4} (from the earlier run)", r.ppl);
+            r
+        }
+        None => {
+            let r = evaluate(fp, "fp")?;
+            let r = FpResult { ppl: r.ppl, windows: r.windows, tokens_scored: r.tokens_scored, seq_len: r.seq_len };
+            write_json(&state.join("fp.json"), &r)?;
+            eprintln!("fp: ppl {:.4}", r.ppl);
+            r
+        }
+    };
+    let mut rows = vec![Row::fp(fp_row.ppl, file_size(&path))];
     let grid = Grid { lo: args.grid_lo, hi: args.grid_hi, points: args.grid_points };
     for &bits in &args.bits {
         for &method in &methods {
+            let label = format!("{}-w{bits}", method.name());
+            let dir = args.out.join(format!("{label}-g{}", args.group_size));
+            let row_path = state.join(format!("{label}.row.json"));
+            if let (Some(row), true) = (read_json::<Row>(&row_path)?, dir.exists()) {
+                eprintln!("{label}: ppl {:.4} (from the earlier run)", row.ppl);
+                rows.push(row);
+                continue;
+            }
             let opts = QuantizeOptions {
                 method,
                 bits,
@@ -156,16 +339,35 @@ pub fn run(args: Args) -> Result<()> {
                 grid: grid.clone(),
                 gptq: GptqOptions { damp: args.damp, block: 128, act_order: args.act_order },
                 batch: 4,
+                step2: step2_for(bits),
+                device: device.clone(),
+                stop_after_blocks: args.stop_after_blocks,
             };
-            let label = format!("{}-w{bits}", method.name());
+            let run_state = RunState::open(&state.join(&label), &opts.identity(&model_id, calib.as_deref()))?;
             let bar = progress_bar(0, &format!("quantize {label}"));
-            let q = quantize_model(fp, &opts, calib.as_deref(), |d, t| {
-                bar.set_length(t as u64);
-                bar.set_position(d as u64);
+            let mut worked = (0.0, 0usize);
+            let q = quantize_model(fp, &opts, calib.as_deref(), Some(&run_state), |b: &BlockSummary, blocks| {
+                bar.set_length(blocks as u64);
+                bar.set_position(b.block as u64 + 1);
+                if b.resumed {
+                    return;
+                }
+                worked = (worked.0 + b.seconds, worked.1 + 1);
+                let projected = worked.0 / worked.1 as f64 * blocks as f64;
+                if let Some(r) = &b.refine {
+                    bar.println(format!(
+                        "{label} block {}/{blocks}: {:.1} s (projected {:.0} s for all blocks), block MSE {:.3e} → {:.3e}, |Γ| mean {:.4}",
+                        b.block + 1,
+                        b.seconds,
+                        projected,
+                        r.loss_before,
+                        r.loss_after,
+                        r.gamma.mean_abs
+                    ));
+                }
             })?;
             bar.finish_and_clear();
             let r = evaluate(&q.model, &label)?;
-            let dir = args.out.join(format!("{label}-g{}", args.group_size));
             let qconfig = QuantConfig {
                 quant_method: checkpoint::QUANT_METHOD.into(),
                 format: if method.format() == Format::Pot { "pot".into() } else { "int".into() },
@@ -178,6 +380,7 @@ pub fn run(args: Args) -> Result<()> {
                 clamped_scales: q.clamped_scales(),
             };
             let save_start = Instant::now();
+            // A checkpoint left by a run stopped before its row was written is replaced.
             checkpoint::save(&dir, &q.model, &q.tensors, &qconfig, Some(tokenizer), &[], true)?;
             let row = Row {
                 method: method.name().into(),
@@ -186,11 +389,14 @@ pub fn run(args: Args) -> Result<()> {
                 paper_bits_per_weight: Some(bits as f64 + 32.0 / args.group_size as f64),
                 file_bytes: file_size(&dir.join("model.safetensors")),
                 ppl: r.ppl,
-                delta_ppl: r.ppl - fp_ppl.ppl,
+                delta_ppl: r.ppl - fp_row.ppl,
                 seconds: q.seconds,
                 clamped_scales: q.clamped_scales(),
                 checkpoint: Some(dir.display().to_string()),
+                blocks: q.blocks.iter().filter(|b| b.refine.is_some()).cloned().collect(),
             };
+            write_json(&row_path, &row)?;
+            run_state.remove()?;
             eprintln!(
                 "{label}: ppl {:.4} (Δ {:+.4}), {:.3} bits/weight, quantized in {:.1} s, saved in {:.1} s",
                 r.ppl,
@@ -202,22 +408,10 @@ pub fn run(args: Args) -> Result<()> {
             rows.push(row);
         }
     }
-    let settings = Settings {
-        model: path.display().to_string(),
-        text: text.name.clone(),
-        text_sha256: text.sha256(),
-        seq_len: fp_ppl.seq_len,
-        windows: fp_ppl.windows,
-        tokens_scored: fp_ppl.tokens_scored,
-        group_size: args.group_size,
-        calibration: calib_opts,
-        calibration_text: calib_name,
-        grid: (args.grid_lo, args.grid_hi, args.grid_points),
-        damp: args.damp,
-        act_order: args.act_order,
-        reference: "FP = the source model's weights dequantized to f32; every method starts from them",
-    };
-    let settings = serde_json::to_value(&settings)?;
+    let mut settings = serde_json::to_value(&settings)?;
+    settings["windows"] = fp_row.windows.into();
+    settings["tokens_scored"] = fp_row.tokens_scored.into();
+    settings["seq_len"] = fp_row.seq_len.into();
     let table = report::markdown_table(&rows);
     report::write(&args.out, &settings, &rows, &table)?;
     let title = format!("{} — {} (G = {})", path.file_name().map_or("model".into(), |n| n.to_string_lossy()), text.name, args.group_size);
@@ -230,6 +424,41 @@ pub fn run(args: Args) -> Result<()> {
         print_json(&json!({ "settings": settings, "rows": rows, "ppl": rows[0].ppl }));
     }
     Ok(())
+}
+
+#[derive(Serialize, Deserialize)]
+struct FpResult {
+    ppl: f64,
+    windows: usize,
+    tokens_scored: usize,
+    seq_len: usize,
+}
+
+/// Makes `out` ready for this run and returns its state directory: a new run starts there, a
+/// rerun with the same settings resumes, anything else is refused.
+fn prepare_output(out: &Path, force: bool, settings: &Settings) -> Result<PathBuf> {
+    let state = state_dir(out);
+    if out.exists() {
+        if force {
+            std::fs::remove_dir_all(out).with_context(|| format!("cannot remove {}", out.display()))?;
+        } else {
+            match read_json::<Settings>(&state.join("run.json"))? {
+                Some(saved) if &saved == settings => eprintln!("resuming the run in {}", out.display()),
+                Some(_) => bail!(
+                    "{} holds a run with other settings (model, text, group size, calibration or Step 2); use the same settings to resume, or pass --force to start over",
+                    out.display()
+                ),
+                None if std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false) => {}
+                None => bail!("output {} already exists and is not a potptq run (pass --force to replace it)", out.display()),
+            }
+        }
+    }
+    std::fs::create_dir_all(&state).with_context(|| format!("cannot create {}", out.display()))?;
+    let probe = state.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", out.display()))?;
+    std::fs::remove_file(&probe)?;
+    write_json(&state.join("run.json"), settings)?;
+    Ok(state)
 }
 
 fn file_size(p: &Path) -> u64 {

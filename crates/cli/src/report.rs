@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use anyhow::Result;
-use serde::Serialize;
+use potptq_calib::BlockSummary;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub method: String,
     pub bits: Option<u8>,
@@ -19,6 +20,9 @@ pub struct Row {
     pub seconds: f64,
     pub clamped_scales: usize,
     pub checkpoint: Option<String>,
+    /// Step 2's loss and Γ per block, for the methods that refine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockSummary>,
 }
 
 impl Row {
@@ -34,6 +38,7 @@ impl Row {
             seconds: 0.0,
             clamped_scales: 0,
             checkpoint: None,
+            blocks: Vec::new(),
         }
     }
 }

@@ -35,10 +35,20 @@ fn base_args<'a>(st: &'a Setup) -> Vec<&'a str> {
 fn every_method_and_width_saves_a_checkpoint_that_loads_back() {
     let st = setup();
     let mut args = base_args(&st);
-    args.extend(["--bits", "2,3,4", "--group-size", "64", "--calib-segments", "6", "--json"]);
+    args.extend(["--bits", "2,3,4", "--group-size", "64", "--calib-segments", "6", "--s2-epochs", "2", "--json"]);
+    args.extend(["--methods", "rtn-int,gptq-int,ablation"]);
     let report = last_json(&potptq(&args));
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 1 + 3 * 5, "fp + 5 methods × 3 widths");
+    assert_eq!(rows.len(), 1 + 3 * 8, "fp + 8 methods × 3 widths");
+    // Step 2 reports its loss per block; with the codes' scales free to move it never ends
+    // above where it started by more than noise.
+    for row in rows.iter().filter(|r| r["method"].as_str().unwrap().ends_with("-s2")) {
+        let blocks = row["blocks"].as_array().unwrap();
+        assert_eq!(blocks.len(), 2, "{row}");
+        for b in blocks {
+            assert_eq!(b["refine"]["epoch_losses"].as_array().unwrap().len(), 2);
+        }
+    }
     for name in ["report.json", "report.md"] {
         assert!(st.out.join(name).exists(), "{name}");
     }
@@ -73,8 +83,12 @@ fn refuses_bad_settings() {
     run(&["--group-size", "12"], "group size 12 must be a positive multiple of 8");
     run(&["--methods", "awq"], "unknown method `awq`");
     run(&["--calib-segments", "200", "--methods", "gptq-int"], "too few calibration tokens");
+    run(&["--methods", "pot-s1-s2", "--s2-epochs", "0"], "Step 2 needs at least one epoch");
+    run(&["--methods", "pot-s1-s2", "--s2-lr=-1"], "learning rate must be positive");
+    run(&["--methods", "pot-s1-s2", "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
     std::fs::create_dir_all(&st.out).unwrap();
-    run(&["--methods", "rtn-int"], "already exists (pass --force to replace it)");
+    std::fs::write(st.out.join("notes.txt"), b"mine").unwrap();
+    run(&["--methods", "rtn-int"], "already exists and is not a potptq run (pass --force to replace it)");
 }
 
 #[test]
@@ -88,4 +102,61 @@ fn unwritable_output() {
     args[i] = s(&out);
     args.extend(["--methods", "rtn-int"]);
     fails_with(&args, "cannot create");
+}
+
+/// Every file of every checkpoint under `out`, by relative path.
+fn checkpoint_files(out: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let dir = entry.unwrap().path();
+        if dir.is_dir() && !dir.file_name().unwrap().to_string_lossy().starts_with('.') {
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let f = f.unwrap().path();
+                files.insert(format!("{}/{}", dir.file_name().unwrap().to_string_lossy(), f.file_name().unwrap().to_string_lossy()), std::fs::read(&f).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_identical_checkpoints() {
+    let st = setup();
+    let settings = ["--bits", "3", "--group-size", "32", "--calib-segments", "4", "--s2-epochs", "3", "--methods", "pot-s1-s2,gptq-int,pot-gptq-s2", "--json"];
+    let mut args = base_args(&st);
+    args.extend(settings);
+    let whole = last_json(&potptq(&args));
+
+    // The same run, stopped after the first block of each method and run again each time.
+    let resumed_out = st.out.with_file_name("resumed");
+    let mut args = base_args(&st);
+    let i = args.iter().position(|a| *a == s(&st.out)).unwrap();
+    args[i] = s(&resumed_out);
+    args.extend(settings);
+    let mut stopping = args.clone();
+    stopping.extend(["--stop-after-blocks", "1"]);
+    for _ in 0..3 {
+        fails_with(&stopping, "stopped after 1 blocks");
+        assert!(resumed_out.join(".state").exists());
+    }
+    // Settings that differ from the saved state are refused, not mixed in.
+    let mut other = args.clone();
+    other.extend(["--s2-lr", "0.01"]);
+    fails_with(&other, "holds a run with other settings");
+    let resumed = last_json(&potptq(&args));
+
+    assert_eq!(whole["rows"].as_array().unwrap().len(), 4);
+    for (a, b) in whole["rows"].as_array().unwrap().iter().zip(resumed["rows"].as_array().unwrap()) {
+        assert_eq!(a["method"], b["method"]);
+        assert_eq!(a["ppl"], b["ppl"], "{}", a["method"]);
+    }
+    let (a, b) = (checkpoint_files(&st.out), checkpoint_files(&resumed_out));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a.keys().filter(|k| k.ends_with("model.safetensors")).count() == 3, "{:?}", a.keys());
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs after resuming");
+    }
+    // Per-block state is gone once each checkpoint is saved.
+    let leftover: Vec<_> = std::fs::read_dir(resumed_out.join(".state")).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
 }

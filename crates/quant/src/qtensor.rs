@@ -164,7 +164,16 @@ impl QTensor {
         zeros: Vec<u8>,
     ) -> Result<Self> {
         check_bits(format, bits)?;
+        let codes = pack::unpack(packed, layout.rows, layout.cols, bits)?;
+        Self::from_codes(format, bits, layout, codes, scales, zeros)
+    }
+
+    /// Checks stored parameters (one code per weight, in range) and assembles them.
+    pub fn from_codes(format: Format, bits: u8, layout: GroupLayout, codes: Vec<u8>, scales: Vec<f32>, zeros: Vec<u8>) -> Result<Self> {
+        check_bits(format, bits)?;
         let groups = layout.rows * layout.groups_per_row();
+        ensure!(codes.len() == layout.rows * layout.cols, "{} codes for a [{}, {}] matrix", codes.len(), layout.rows, layout.cols);
+        ensure!(codes.iter().all(|&c| (c as u32) < 1 << bits), "codes must fit in {bits} bits");
         ensure!(scales.len() == groups, "{} scales for {groups} groups", scales.len());
         ensure!(scales.iter().all(|s| s.is_finite() && *s > 0.0), "scales must be positive and finite");
         if format.is_int() {
@@ -173,7 +182,6 @@ impl QTensor {
         } else {
             ensure!(zeros.is_empty(), "PoT has no zero-points");
         }
-        let codes = pack::unpack(packed, layout.rows, layout.cols, bits)?;
         Ok(Self { format, bits, layout, codes, scales, zeros, clamped_scales: 0 })
     }
 }
