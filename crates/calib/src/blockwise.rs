@@ -15,16 +15,21 @@ use candle_core::{DType, Device, Tensor};
 use potptq_model::checkpoint::through_f16;
 use potptq_model::llama::{Block, Model, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
-use potptq_quant::{gptq, quantize_pot_step1, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
+use potptq_quant::{gptq, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
 
 use crate::graph::{embed_batches, BlockGraph, BlockWeights};
-use crate::methods::{Init, Method};
+use crate::methods::{Init, Method, Variant};
+use crate::rotate::rotate_model;
 use crate::state::RunState;
 use crate::step2::{refine_block, LearnedScales, RefineReport, Step2Input, Step2Options};
 
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub method: Method,
+    /// Rotate the residual stream (with this seed) before quantizing.
+    pub rotate: Option<u64>,
+    /// Step 1 weighted by the input's second moments.
+    pub weighted_step1: bool,
     pub bits: u8,
     pub group_size: usize,
     pub grid: Grid,
@@ -44,6 +49,8 @@ impl QuantizeOptions {
     pub fn new(method: Method, bits: u8, group_size: usize) -> Self {
         Self {
             method,
+            rotate: None,
+            weighted_step1: false,
             bits,
             group_size,
             grid: Grid::default(),
@@ -53,6 +60,14 @@ impl QuantizeOptions {
             device: Device::Cpu,
             stop_after_blocks: None,
         }
+    }
+
+    pub fn variant(&self) -> Variant {
+        Variant { method: self.method, rotate: self.rotate.is_some(), weighted_step1: self.weighted_step1 }
+    }
+
+    fn uses_data(&self) -> bool {
+        self.variant().uses_data()
     }
 
     /// Everything that decides the result, for a resumable state: a rerun must match it.
@@ -74,7 +89,9 @@ impl QuantizeOptions {
             "method": m.name(),
             "bits": self.bits,
             "group_size": self.group_size,
-            "calibration_sha256": if m.uses_data() { calib_hash } else { None },
+            "calibration_sha256": if self.uses_data() { calib_hash } else { None },
+            "rotate": self.rotate,
+            "weighted_step1": self.weighted_step1,
         });
         if m.init() == Init::Step1 || (m.init() == Init::Gptq && !m.format().is_int()) {
             id["grid"] = serde_json::json!([self.grid.lo, self.grid.hi, self.grid.points]);
@@ -161,7 +178,7 @@ enum Streams {
 
 impl Streams {
     fn new(model: &Model, opts: &QuantizeOptions, calib: Option<&[Vec<u32>]>) -> Result<Self> {
-        if !opts.method.uses_data() {
+        if !opts.uses_data() {
             return Ok(Streams::None);
         }
         let segments = calib.context("this method needs calibration data")?;
@@ -249,6 +266,14 @@ pub fn quantize_model(
         opts.step2.check()?;
     }
     let start = Instant::now();
+    let rotated;
+    let fp = match opts.rotate {
+        Some(seed) => {
+            rotated = rotate_model(fp, seed)?;
+            &rotated
+        }
+        None => fp,
+    };
     let mut model = fp.clone();
     model.embed_tokens = through_f16(&fp.embed_tokens)?;
     if let Some(h) = &fp.lm_head {
@@ -304,6 +329,19 @@ fn quantize_block(
     let (format, bits) = (opts.method.format(), opts.bits);
     let mut quantized = Vec::with_capacity(layouts.len());
     match opts.method.init() {
+        Init::Step1 if opts.weighted_step1 => {
+            // Sequential like GPTQ: each stage's input moments through the stages before it, quantized.
+            for stage in Stage::ALL {
+                let moments = streams.hessian(&block, model, stage)?.diag();
+                for linear in stage.linears() {
+                    let (name, layout) = &layouts[BLOCK_LINEARS.iter().position(|l| l == linear).expect("block linear")];
+                    let w = weight_of(&block, linear)?;
+                    let q = quantize_pot_step1_weighted(name, &w, *layout, bits, &opts.grid, &moments)?;
+                    set_weight(&mut block, linear, &q)?;
+                    quantized.push((name.clone(), q));
+                }
+            }
+        }
         Init::Rtn | Init::Step1 => {
             for ((name, layout), linear) in layouts.iter().zip(BLOCK_LINEARS) {
                 let w = weight_of(&block, linear)?;

@@ -3,6 +3,7 @@
 pub mod blockwise;
 pub mod graph;
 pub mod methods;
+pub mod rotate;
 pub mod segments;
 pub mod state;
 pub mod step2;
@@ -10,4 +11,4 @@ pub mod step2;
 pub use blockwise::{quantize_model, BlockSummary, QuantizeOptions, QuantizedModel};
 pub use state::RunState;
 pub use step2::{Decay, Step2Input, Step2Options};
-pub use methods::Method;
+pub use methods::{Method, Variant};

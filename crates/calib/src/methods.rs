@@ -125,3 +125,57 @@ impl Method {
         s.iter().map(|x| x.to_string()).collect()
     }
 }
+
+/// A method with the options that change what it produces, written `method[+option…]`:
+/// `+rot` rotates the residual stream first (`rotate.rs`), `+hw` weights Step 1's search by
+/// the input's second moments (GPTQ's Hessian diagonal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    pub method: Method,
+    pub rotate: bool,
+    pub weighted_step1: bool,
+}
+
+impl Variant {
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut parts = s.split('+');
+        let method = Method::parse(parts.next().unwrap_or_default())?;
+        let mut v = Variant { method, rotate: false, weighted_step1: false };
+        for option in parts {
+            match option {
+                "rot" => v.rotate = true,
+                "hw" if method.init() == Init::Step1 => v.weighted_step1 = true,
+                "hw" => bail!("`+hw` weights Step 1's search: it applies to pot-s1 and pot-s1-s2, not {}", method.name()),
+                other => bail!("unknown option `+{other}` in `{s}` (known: +rot, +hw)"),
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn label(&self) -> String {
+        let mut l = self.method.name().to_string();
+        if self.weighted_step1 {
+            l.push_str("+hw");
+        }
+        if self.rotate {
+            l.push_str("+rot");
+        }
+        l
+    }
+
+    pub fn uses_data(&self) -> bool {
+        self.method.uses_data() || self.weighted_step1
+    }
+
+    /// What produced the weights, for `quantization_config.steps`.
+    pub fn steps(&self) -> Vec<String> {
+        let mut steps = Vec::new();
+        if self.rotate {
+            steps.push("rotate".to_string());
+        }
+        for s in self.method.steps() {
+            steps.push(if s == "step1" && self.weighted_step1 { "step1-weighted".to_string() } else { s });
+        }
+        steps
+    }
+}

@@ -65,6 +65,15 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// A line of progress on stderr: above the bar on a terminal, plain otherwise (logs).
+pub fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Prints `value` as one JSON line: the last line of stdout for scripts.
 pub fn print_json(value: &serde_json::Value) {
     println!("{value}");

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use potptq_calib::segments::{self, SegmentOptions};
-use potptq_calib::{quantize_model, BlockSummary, Decay, Method, QuantizeOptions, RunState, Step2Input, Step2Options};
+use potptq_calib::{quantize_model, BlockSummary, Decay, QuantizeOptions, RunState, Step2Input, Step2Options, Variant};
 use potptq_model::checkpoint::{self, QuantConfig};
 use potptq_model::corpus::{brown_split, Split};
 use potptq_model::perplexity::{perplexity, PplOptions, Scoring};
@@ -15,7 +15,7 @@ use potptq_quant::{Format, GptqOptions, Grid};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::common::{assets_dir, load_text, model_path, print_json, progress_bar};
+use crate::common::{assets_dir, load_text, model_path, print_json, progress_bar, say};
 use crate::report::{self, Row};
 
 #[derive(clap::Args)]
@@ -28,7 +28,9 @@ pub struct Args {
     bits: Vec<u8>,
     /// Methods: rtn-int, gptq-int, rtn-int-sym, gptq-int-sym, pot-rtn, pot-s1, pot-gptq, pot-s2,
     /// pot-s1-s2 (= potptq), pot-gptq-s2; or a set: `ablation` (the paper's four rows, then
-    /// PoT-GPTQ with and without Step 2), `compare` (FP baselines against every PoT method).
+    /// PoT-GPTQ with and without Step 2), `compare` (the INT baselines against the PoT methods).
+    /// Options follow a `+`: `+rot` rotates the residual stream first, `+hw` weights Step 1 by
+    /// the input's second moments (e.g. `pot-gptq+rot`, `pot-s1-s2+hw+rot`).
     #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-s1-s2")]
     methods: Vec<String>,
     /// Weights per scale (a row's last group may be shorter).
@@ -133,7 +135,7 @@ const CPU_CALIBRATION: (usize, usize) = (32, 512);
 const PAPER_CALIBRATION: (usize, usize) = (128, 2048);
 
 /// Named sets of methods for `--methods`.
-fn expand_methods(names: &[String]) -> Result<Vec<Method>> {
+fn expand_methods(names: &[String]) -> Result<Vec<Variant>> {
     let mut out = Vec::new();
     for name in names {
         let set: &[&str] = match name.as_str() {
@@ -142,7 +144,7 @@ fn expand_methods(names: &[String]) -> Result<Vec<Method>> {
             other => &[other][..],
         };
         for m in set {
-            let m = Method::parse(m)?;
+            let m = Variant::parse(m)?;
             if !out.contains(&m) {
                 out.push(m);
             }
@@ -211,7 +213,7 @@ pub fn run(args: Args) -> Result<()> {
     let methods = expand_methods(&args.methods)?;
     for &bits in &args.bits {
         for m in &methods {
-            potptq_quant::qtensor::check_bits(m.format(), bits)?;
+            potptq_quant::qtensor::check_bits(m.method.format(), bits)?;
         }
     }
     let (default_segments, default_len) = match args.protocol {
@@ -323,8 +325,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut rows = vec![Row::fp(fp_row.ppl, file_size(&path))];
     let grid = Grid { lo: args.grid_lo, hi: args.grid_hi, points: args.grid_points };
     for &bits in &args.bits {
-        for &method in &methods {
-            let label = format!("{}-w{bits}", method.name());
+        for variant in &methods {
+            let method = variant.method;
+            let label = format!("{}-w{bits}", variant.label());
             let dir = args.out.join(format!("{label}-g{}", args.group_size));
             let row_path = state.join(format!("{label}.row.json"));
             if let (Some(row), true) = (read_json::<Row>(&row_path)?, dir.exists()) {
@@ -334,6 +337,8 @@ pub fn run(args: Args) -> Result<()> {
             }
             let opts = QuantizeOptions {
                 method,
+                rotate: variant.rotate.then_some(args.seed),
+                weighted_step1: variant.weighted_step1,
                 bits,
                 group_size: args.group_size,
                 grid: grid.clone(),
@@ -355,7 +360,7 @@ pub fn run(args: Args) -> Result<()> {
                 worked = (worked.0 + b.seconds, worked.1 + 1);
                 let projected = worked.0 / worked.1 as f64 * blocks as f64;
                 if let Some(r) = &b.refine {
-                    bar.println(format!(
+                    say(&bar, format!(
                         "{label} block {}/{blocks}: {:.1} s (projected {:.0} s for all blocks), block MSE {:.3e} → {:.3e}, |Γ| mean {:.4}",
                         b.block + 1,
                         b.seconds,
@@ -374,8 +379,8 @@ pub fn run(args: Args) -> Result<()> {
                 bits,
                 group_size: args.group_size,
                 sym: method.format() == Format::IntSym,
-                steps: method.steps(),
-                method: method.name().into(),
+                steps: variant.steps(),
+                method: variant.label(),
                 packing: checkpoint::PACKING.into(),
                 clamped_scales: q.clamped_scales(),
             };
@@ -383,7 +388,7 @@ pub fn run(args: Args) -> Result<()> {
             // A checkpoint left by a run stopped before its row was written is replaced.
             checkpoint::save(&dir, &q.model, &q.tensors, &qconfig, Some(tokenizer), &[], true)?;
             let row = Row {
-                method: method.name().into(),
+                method: variant.label(),
                 bits: Some(bits),
                 bits_per_weight: Some(q.bits_per_weight()),
                 paper_bits_per_weight: Some(bits as f64 + 32.0 / args.group_size as f64),

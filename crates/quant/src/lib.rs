@@ -11,5 +11,5 @@ mod quantizer;
 pub mod step1;
 
 pub use gptq::{gptq, GptqOptions, Hessian};
-pub use qtensor::{check_bits, quantize_pot_step1, quantize_pot_with_scales, quantize_rtn, Format, GroupLayout, QTensor};
+pub use qtensor::{check_bits, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, Format, GroupLayout, QTensor};
 pub use step1::Grid;

@@ -277,6 +277,29 @@ pub fn quantize_pot_with_scales(name: &str, w: &[f32], layout: GroupLayout, bits
     Ok(QTensor::assemble(Format::Pot, bits, layout, codes, params))
 }
 
+/// PoT with Step 1's grid search against the error weighted per column, `Σ c_j (w_j − Q(w_j))²`
+/// (e.g. `c_j = E[x_j²]` of the layer's input, the diagonal of GPTQ's Hessian): groups spend
+/// their levels where the input is large.
+pub fn quantize_pot_step1_weighted(name: &str, w: &[f32], layout: GroupLayout, bits: u8, grid: &Grid, column_weights: &[f32]) -> Result<QTensor> {
+    check_bits(Format::Pot, bits)?;
+    check_input(name, w, layout)?;
+    grid.check()?;
+    ensure!(column_weights.len() == layout.cols, "tensor `{name}`: {} column weights for {} columns", column_weights.len(), layout.cols);
+    ensure!(column_weights.iter().all(|c| c.is_finite() && *c >= 0.0), "tensor `{name}`: column weights must be finite and ≥ 0");
+    let gpr = layout.groups_per_row();
+    let mut scales = vec![0f32; layout.rows * gpr];
+    scales.par_chunks_mut(gpr).zip(w.par_chunks(layout.cols)).for_each_init(
+        || crate::step1::ScaleSearch::new(bits, grid),
+        |search, (scales, row)| {
+            for (g, s) in scales.iter_mut().enumerate() {
+                let cols = layout.group_cols(g);
+                *s = search.search_weighted(&row[cols.clone()], &column_weights[cols]);
+            }
+        },
+    );
+    quantize_pot_with_scales(name, w, layout, bits, &scales)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +323,24 @@ mod tests {
         let mut bad = s1.scales.clone();
         bad[3] = -1.0;
         assert!(quantize_pot_with_scales("w", &w, layout, 3, &bad).is_err());
+    }
+
+    #[test]
+    fn weighted_step1_with_uniform_weights_is_step1() {
+        let layout = GroupLayout::new(4, 150, 64).unwrap();
+        let w = random(layout.rows * layout.cols, 9);
+        let grid = Grid::default();
+        let plain = quantize_pot_step1("w", &w, layout, 3, &grid).unwrap();
+        let weighted = quantize_pot_step1_weighted("w", &w, layout, 3, &grid, &vec![2.5; 150]).unwrap();
+        assert_eq!(plain.scales, weighted.scales);
+        assert_eq!(plain.codes, weighted.codes);
+        // Heavy columns pull the scale toward fitting them.
+        let mut c = vec![1e-3f32; 150];
+        c[5] = 1e3;
+        let heavy = quantize_pot_step1_weighted("w", &w, layout, 3, &grid, &c).unwrap();
+        let err = |q: &QTensor| (0..layout.rows).map(|r| (w[r * 150 + 5] - q.dequantize()[r * 150 + 5]).abs()).sum::<f32>();
+        assert!(err(&heavy) <= err(&plain));
+        assert!(quantize_pot_step1_weighted("w", &w, layout, 3, &grid, &[1.0; 3]).is_err());
     }
 
     fn all_formats() -> Vec<(Format, u8)> {
