@@ -64,6 +64,9 @@ impl Step2Options {
     }
 }
 
+/// The floor of `Γ`: a scale keeps at least a tenth of its starting value.
+const MIN_GAMMA: f64 = -0.9;
+
 /// The learnable scales of one linear, and the weights its codes are computed from.
 pub struct LearnedScales {
     /// `|W|` and `sign(W)` (+1 at zero), `[rows, cols]`.
@@ -140,7 +143,8 @@ impl LearnedScales {
         if opts.decay == Decay::Decoupled && opts.weight_decay > 0.0 {
             next = (next - (gamma * (opts.lr * opts.weight_decay))?)?;
         }
-        self.gamma.set(&next)?;
+        // A scale may shrink, but never to zero or below (codes need log2(|w| / ŝ)).
+        self.gamma.set(&next.maximum(MIN_GAMMA)?)?;
         Ok(())
     }
 }
@@ -369,5 +373,14 @@ mod tests {
         assert_eq!(report.epoch_losses.len(), 30);
         assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);
         assert!(report.gamma.mean_abs > 0.0);
+
+        // A learning rate far too large still leaves every scale positive.
+        let wild = Step2Options { lr: 5.0, epochs: 3, ..opts };
+        let mut scales = learned(block, cfg, 2, 32, DType::F32);
+        let _ = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &wild);
+        for s in &scales {
+            assert!(s.gamma().unwrap().iter().all(|&g| g >= MIN_GAMMA as f32));
+            assert!(s.final_scales().unwrap().iter().all(|&x| x > 0.0));
+        }
     }
 }
