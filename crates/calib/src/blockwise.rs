@@ -360,7 +360,8 @@ fn quantize_block(
                 for linear in stage.linears() {
                     let (name, layout) = &layouts[BLOCK_LINEARS.iter().position(|l| l == linear).expect("block linear")];
                     let w = weight_of(&block, linear)?;
-                    let q = gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &opts.gptq)?;
+                    let gptq_opts = GptqOptions { weighted_scales: opts.weighted_step1, ..opts.gptq.clone() };
+                    let q = gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?;
                     set_weight(&mut block, linear, &q)?;
                     quantized.push((name.clone(), q));
                 }

@@ -127,8 +127,8 @@ impl Method {
 }
 
 /// A method with the options that change what it produces, written `method[+option…]`:
-/// `+rot` rotates the residual stream first (`rotate.rs`), `+hw` weights Step 1's search by
-/// the input's second moments (GPTQ's Hessian diagonal).
+/// `+rot` rotates the residual stream first (`rotate.rs`), `+hw` weights Step 1's scale search
+/// (alone or inside GPTQ) by the input's second moments (GPTQ's Hessian diagonal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub method: Method,
@@ -144,8 +144,8 @@ impl Variant {
         for option in parts {
             match option {
                 "rot" => v.rotate = true,
-                "hw" if method.init() == Init::Step1 => v.weighted_step1 = true,
-                "hw" => bail!("`+hw` weights Step 1's search: it applies to pot-s1 and pot-s1-s2, not {}", method.name()),
+                "hw" if method.format() == Format::Pot && method.init() != Init::Rtn => v.weighted_step1 = true,
+                "hw" => bail!("`+hw` weights Step 1's scale search: it applies to pot-s1, pot-s1-s2 and the PoT GPTQ methods, not {}", method.name()),
                 other => bail!("unknown option `+{other}` in `{s}` (known: +rot, +hw)"),
             }
         }

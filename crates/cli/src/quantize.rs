@@ -361,7 +361,7 @@ pub fn run(args: Args) -> Result<()> {
                 bits,
                 group_size: args.group_size,
                 grid: grid.clone(),
-                gptq: GptqOptions { damp: args.damp, block: 128, act_order: args.act_order },
+                gptq: GptqOptions { damp: args.damp, block: 128, act_order: args.act_order, weighted_scales: false },
                 batch: 4,
                 step2: step2_for(bits),
                 device: device.clone(),

@@ -110,11 +110,13 @@ pub struct GptqOptions {
     pub block: usize,
     /// Quantize columns in order of decreasing Hessian diagonal (with static groups).
     pub act_order: bool,
+    /// PoT: each group's scale search weights its columns by the Hessian diagonal (`E[x²]`).
+    pub weighted_scales: bool,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        Self { damp: 0.01, block: 128, act_order: false }
+        Self { damp: 0.01, block: 128, act_order: false, weighted_scales: false }
     }
 }
 
@@ -146,8 +148,8 @@ pub fn gptq(
     let mut err = vec![0f32; rows * widest];
     let mut codes = vec![0u8; rows * cols];
     for block in blocks {
-        let Problem { w, u, params, order, .. } = &mut p;
-        let (u, order) = (&u[..], &order[..]);
+        let Problem { w, u, params, order, column_weights, .. } = &mut p;
+        let (u, order, column_weights) = (&u[..], &order[..], column_weights.as_deref());
         w.par_chunks_mut(cols)
             .zip(codes.par_chunks_mut(cols))
             .zip(err.par_chunks_mut(widest))
@@ -157,7 +159,7 @@ pub fn gptq(
                 || GroupQuantizer::searched(format, bits, grid),
                 |q, (((w_row, code_row), err_row), params_row)| {
                     for i in block.clone() {
-                        let e = quantize_column(q, layout, order, u, i, w_row, code_row, params_row);
+                        let e = quantize_column(q, layout, order, u, i, w_row, code_row, params_row, column_weights);
                         err_row[i - block.start] = e;
                         // Feedback inside the block, now; the rest of the row waits for the product.
                         let u_row = &u[i * cols..(i + 1) * cols];
@@ -208,7 +210,8 @@ pub fn gptq_reference(
         let w_row = &mut p.w[r * cols..(r + 1) * cols];
         let params_row = &mut p.params[r * gpr..(r + 1) * gpr];
         for i in 0..cols {
-            let e = quantize_column(&mut q, layout, &p.order, &p.u, i, w_row, &mut codes[r * cols..(r + 1) * cols], params_row);
+            let cw = p.column_weights.as_deref();
+            let e = quantize_column(&mut q, layout, &p.order, &p.u, i, w_row, &mut codes[r * cols..(r + 1) * cols], params_row, cw);
             for (wj, uj) in w_row[i + 1..].iter_mut().zip(&p.u[i * cols + i + 1..(i + 1) * cols]) {
                 *wj -= e * uj;
             }
@@ -230,13 +233,15 @@ fn quantize_column(
     w_row: &mut [f32],
     code_row: &mut [u8],
     params_row: &mut [Option<GroupParams>],
+    column_weights: Option<&[f32]>,
 ) -> f32 {
     let g = order[i] / layout.group_size;
     let p = match params_row[g] {
         Some(p) => p,
         None => {
             // Without act-order the order is the identity: the group's columns are here, ahead.
-            let p = q.params(&w_row[layout.group_cols(g)]);
+            let cols = layout.group_cols(g);
+            let p = q.params_weighted(&w_row[cols.clone()], column_weights.map(|c| &c[cols]));
             params_row[g] = Some(p);
             p
         }
@@ -284,6 +289,8 @@ struct Problem<'g> {
     u: Vec<f32>,
     /// `[rows, groups_per_row]`, by original group index.
     params: Vec<Option<GroupParams>>,
+    /// The Hessian diagonal by original column, when scale searches are weighted by it.
+    column_weights: Option<Vec<f32>>,
     _grid: std::marker::PhantomData<&'g Grid>,
 }
 
@@ -319,13 +326,15 @@ impl<'g> Problem<'g> {
         }
         let gpr = layout.groups_per_row();
         let mut params = vec![None; rows * gpr];
+        let column_weights = (opts.weighted_scales && format == Format::Pot).then(|| hessian.diag());
         let order: Vec<usize> = if opts.act_order {
             // Static groups, from the original (dead-zeroed) weights.
             params.par_chunks_mut(gpr).zip(w.par_chunks(cols)).for_each_init(
                 || GroupQuantizer::searched(format, bits, grid),
                 |q, (slots, row)| {
                     for (g, slot) in slots.iter_mut().enumerate() {
-                        *slot = Some(q.params(&row[layout.group_cols(g)]));
+                        let cols = layout.group_cols(g);
+                        *slot = Some(q.params_weighted(&row[cols.clone()], column_weights.as_deref().map(|c| &c[cols])));
                     }
                 },
             );
@@ -337,7 +346,7 @@ impl<'g> Problem<'g> {
         };
         let (w, h) = if opts.act_order { permute(w, h, rows, &order) } else { (w, h) };
         let u = inverse_hessian_factor(name, h, cols, opts.damp as f64)?;
-        Ok(Self { layout, format, bits, order, w, u, params, _grid: std::marker::PhantomData })
+        Ok(Self { layout, format, bits, order, w, u, params, column_weights, _grid: std::marker::PhantomData })
     }
 
     /// Codes back in the original column order, with the group parameters.
@@ -502,13 +511,17 @@ mod tests {
         let grid = Grid::default();
         for (format, bits, g) in [(Format::Pot, 3, 64), (Format::IntAsym, 4, 32), (Format::Pot, 2, 200), (Format::IntSym, 3, 96)] {
             let layout = GroupLayout::new(rows, cols, g).unwrap();
-            for act_order in [false, true] {
-                let opts = |block| GptqOptions { act_order, block, ..Default::default() };
+            for (act_order, weighted_scales) in [(false, false), (true, false), (false, true), (true, true)] {
+                let opts = |block| GptqOptions { act_order, block, weighted_scales, ..Default::default() };
                 let reference = gptq_reference("w", &w, layout, &h, format, bits, &grid, &opts(1)).unwrap();
                 // One block: the same operations in the same order, so the same bits.
                 let one = gptq("w", &w, layout, &h, format, bits, &grid, &opts(1024)).unwrap();
                 assert!(one.codes == reference.codes, "{format:?} {bits} g{g} act_order={act_order}");
                 assert_eq!(one.scales, reference.scales);
+                if weighted_scales && format == Format::Pot {
+                    let unweighted = gptq_reference("w", &w, layout, &h, format, bits, &grid, &GptqOptions { weighted_scales: false, ..opts(1) }).unwrap();
+                    assert_ne!(unweighted.scales, reference.scales, "the Hessian diagonal moves some scales");
+                }
                 // Lazy blocks sum the feedback in another order: rare near-tie codes may flip.
                 for block in [16, 48, 128] {
                     let fast = gptq("w", &w, layout, &h, format, bits, &grid, &opts(block)).unwrap();

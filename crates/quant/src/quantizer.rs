@@ -36,6 +36,11 @@ impl<'g> GroupQuantizer<'g> {
     }
 
     pub fn params(&mut self, group: &[f32]) -> GroupParams {
+        self.params_weighted(group, None)
+    }
+
+    /// With `column_weights`, PoT's scale search minimizes the error weighted per column.
+    pub fn params_weighted(&mut self, group: &[f32], column_weights: Option<&[f32]>) -> GroupParams {
         let bits = self.bits;
         let (scale, zero, clamped) = match self.format {
             Format::Pot => {
@@ -43,9 +48,10 @@ impl<'g> GroupQuantizer<'g> {
                 // A group counts as clamped when its natural scale s0 lies outside the f16
                 // range (for Step 1: the grid around it was cut at the range's edge).
                 let (stored_s0, clamped) = pot_f16_scale(s0, bits);
-                let scale = match &mut self.search {
-                    Some(search) => search.search(group),
-                    None => stored_s0,
+                let scale = match (&mut self.search, column_weights) {
+                    (Some(search), Some(c)) => search.search_weighted(group, c),
+                    (Some(search), None) => search.search(group),
+                    (None, _) => stored_s0,
                 };
                 (scale, 0, clamped)
             }
