@@ -117,6 +117,9 @@ pub fn plot(path: &Path, rows: &[Row], title: &str) -> Result<()> {
     let (bmin, bmax) = (*bits.iter().min().unwrap() as f64, *bits.iter().max().unwrap() as f64);
     let ppls: Vec<f64> = quant.iter().map(|r| r.ppl).chain(fp).filter(|p| p.is_finite() && *p > 0.0).collect();
     let (pmin, pmax) = ppls.iter().fold((f64::MAX, f64::MIN), |(a, b), &p| (a.min(p), b.max(p)));
+    if bmin == bmax {
+        return plot_bars(path, &quant, fp, (pmin, pmax), &format!("{title}, {bmin} bits"));
+    }
     // The encoder picks the format from the extension: keep `.png` on the temporary name.
     let tmp = path.with_extension("partial.png");
     {
@@ -170,6 +173,53 @@ pub fn plot(path: &Path, rows: &[Row], title: &str) -> Result<()> {
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// One bit width (an ablation): one horizontal bar per method, log scale, FP as a line.
+fn plot_bars(path: &Path, rows: &[&Row], fp: Option<f64>, (pmin, pmax): (f64, f64), title: &str) -> Result<()> {
+    use plotters::prelude::*;
+    let n = rows.len();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+    let tmp = path.with_extension("partial.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 120 + 50 * n as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(200)
+            .build_cartesian_2d((pmin * 0.5..pmax * 2.0).log_scale(), (0..n).into_segmented())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("perplexity (log scale)")
+            .y_labels(n)
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) if *i < n => rows[n - 1 - *i].method.clone(),
+                _ => String::new(),
+            })
+            .x_label_formatter(&|y| if *y >= 1e4 { format!("{y:.0e}") } else { format!("{y:.0}") })
+            .draw()
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(rows.iter().rev().enumerate().map(|(i, r)| {
+                let color = Palette99::pick(i).filled();
+                Rectangle::new([(pmin * 0.5, SegmentValue::Exact(i)), (r.ppl, SegmentValue::Exact(i + 1))], color)
+            }))
+            .map_err(|e| err(&e))?;
+        if let Some(fp) = fp {
+            chart
+                .draw_series(LineSeries::new(vec![(fp, SegmentValue::Exact(0)), (fp, SegmentValue::Exact(n))], BLACK.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("fp {fp:.2}"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
     }
     std::fs::rename(&tmp, path)?;
     Ok(())

@@ -141,7 +141,7 @@ fn an_interrupted_run_resumes_to_identical_checkpoints() {
     }
     // Settings that differ from the saved state are refused, not mixed in.
     let mut other = args.clone();
-    other.extend(["--s2-lr", "0.01"]);
+    other.extend(["--s2-lr", "0.05"]);
     fails_with(&other, "holds a run with other settings");
     let resumed = last_json(&potptq(&args));
 
