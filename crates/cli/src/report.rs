@@ -61,6 +61,36 @@ pub fn markdown_table(rows: &[Row]) -> String {
     s
 }
 
+/// Step 2 per block, for each method that ran it: the block-output MSE before and after, the
+/// loss of each epoch, and the distribution of the learned `Γ`.
+pub fn step2_tables(rows: &[Row]) -> String {
+    let mut s = String::new();
+    for r in rows.iter().filter(|r| !r.blocks.is_empty()) {
+        s.push_str(&format!(
+            "\n## Step 2: {} ({} bits)\n\n| block | MSE before | MSE after | loss per epoch | Γ mean | Γ std | Γ min | Γ max | s |\n|---|---|---|---|---|---|---|---|---|\n",
+            r.method,
+            r.bits.unwrap_or(0)
+        ));
+        for b in &r.blocks {
+            let Some(x) = &b.refine else { continue };
+            let epochs: Vec<String> = x.epoch_losses.iter().map(|l| format!("{l:.3e}")).collect();
+            s.push_str(&format!(
+                "| {} | {:.4e} | {:.4e} | {} | {:+.4} | {:.4} | {:+.4} | {:+.4} | {:.1} |\n",
+                b.block,
+                x.loss_before,
+                x.loss_after,
+                epochs.join(" "),
+                x.gamma.mean,
+                x.gamma.std,
+                x.gamma.min,
+                x.gamma.max,
+                x.seconds
+            ));
+        }
+    }
+    s
+}
+
 pub fn write(dir: &Path, settings: &serde_json::Value, rows: &[Row], table: &str) -> Result<()> {
     let json = serde_json::json!({ "settings": settings, "rows": rows });
     potptq_model::atomic_write(&dir.join("report.json"), |w| {
@@ -68,8 +98,9 @@ pub fn write(dir: &Path, settings: &serde_json::Value, rows: &[Row], table: &str
         Ok(())
     })?;
     let md = format!(
-        "# potptq report\n\n```json\n{}\n```\n\n{table}",
-        serde_json::to_string_pretty(settings)?
+        "# potptq report\n\n```json\n{}\n```\n\n{table}{}",
+        serde_json::to_string_pretty(settings)?,
+        step2_tables(rows)
     );
     potptq_model::atomic_write(&dir.join("report.md"), |w| {
         use std::io::Write;

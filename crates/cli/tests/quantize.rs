@@ -40,13 +40,15 @@ fn every_method_and_width_saves_a_checkpoint_that_loads_back() {
     let report = last_json(&potptq(&args));
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1 + 3 * 8, "fp + 8 methods × 3 widths");
-    // Step 2 reports its loss per block; with the codes' scales free to move it never ends
-    // above where it started by more than noise.
+    // Step 2 reports its loss per epoch and Γ per block, in report.json and report.md.
+    let md = std::fs::read_to_string(st.out.join("report.md")).unwrap();
+    assert!(md.contains("## Step 2: pot-s1-s2 (3 bits)"), "{md}");
     for row in rows.iter().filter(|r| r["method"].as_str().unwrap().ends_with("-s2")) {
         let blocks = row["blocks"].as_array().unwrap();
         assert_eq!(blocks.len(), 2, "{row}");
         for b in blocks {
             assert_eq!(b["refine"]["epoch_losses"].as_array().unwrap().len(), 2);
+            assert!(b["refine"]["gamma"]["min"].as_f64().unwrap() >= -0.9, "{b}");
         }
     }
     for name in ["report.json", "report.md"] {
