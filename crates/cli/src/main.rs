@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod quantize;
 mod report;
+mod sensitivity;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     Generate(generate::Args),
     /// Quantize with several methods and bit widths; evaluate, save and report them side by side.
     Quantize(quantize::Args),
+    /// ΔPPL of quantizing one block, or one kind of linear, at a time.
+    Sensitivity(sensitivity::Args),
     /// Write a model in another form (`--dequantized`: f16 safetensors for transformers).
     Export(export::Args),
     /// Benchmarks.
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Sensitivity(a) => sensitivity::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(b) => bench::run(b),
     };

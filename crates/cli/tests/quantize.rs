@@ -162,3 +162,18 @@ fn an_interrupted_run_resumes_to_identical_checkpoints() {
     let leftover: Vec<_> = std::fs::read_dir(resumed_out.join(".state")).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).collect();
     assert!(leftover.is_empty(), "{leftover:?}");
 }
+
+#[test]
+fn sensitivity_scores_each_block_and_each_linear() {
+    let st = setup();
+    let args = ["sensitivity", "--model", s(&st.model), "--text", s(&st.text), "--seq-len", "64", "--max-windows", "2", "--bits", "2", "--group-size", "32", "--json"];
+    let report = last_json(&potptq(&args));
+    let parts = report["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 2 + 7, "two blocks and seven kinds of linear");
+    let fp = report["fp_ppl"].as_f64().unwrap();
+    for p in parts {
+        let ppl = p["ppl"].as_f64().unwrap();
+        assert!(ppl.is_finite() && (ppl - fp - p["delta_ppl"].as_f64().unwrap()).abs() < 1e-9, "{p}");
+    }
+    fails_with(&["sensitivity", "--model", s(&st.model), "--text", s(&st.text), "--method", "gptq-int"], "needs calibration data");
+}
