@@ -1,0 +1,369 @@
+//! Matrix products on the CPU: `y[t, r] = Σ_c W[r, c]·x[t, c]` for `x` of `tokens` rows, with
+//! `W` packed (PoT or INT codes + scales), f16 or f32, never expanded to a whole f32 matrix.
+//!
+//! Two shapes of work, both parallel over output rows with rayon:
+//! - **GEMV** (a few tokens, e.g. decoding): each row is decoded in registers and multiplied
+//!   as it is read (`avx2::dot_*`); the weights are read once per token, at their packed size.
+//! - **GEMM** (many tokens: prefill, evaluation): a panel of rows is decoded into an f32
+//!   buffer that stays in cache, and the `gemm` crate multiplies it with all tokens at once;
+//!   the decode is paid once per panel, the arithmetic is the dense kernel's.
+//!
+//! The instruction set is picked at run time (`Isa::best`); `reference` holds the plain
+//! definition the kernels are tested against.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
+pub mod reference;
+
+use std::sync::OnceLock;
+
+use anyhow::{bail, ensure, Result};
+use potptq_quant::Format;
+use rayon::prelude::*;
+
+use crate::PackedMatrix;
+
+/// Which row kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust that any target compiles (the compiler vectorizes the dot products).
+    Portable,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// The fastest one this CPU has, detected once.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| if Isa::Avx2.available() { Isa::Avx2 } else { Isa::Portable })
+    }
+
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// How a PoT code becomes a weight inside a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PotDecode {
+    /// `bits(s) + (E << 23)`, sign by xor.
+    BitAdd,
+    /// A per-group table of `±s·2^E`, indexed by the code with `vpermps`.
+    Lut,
+}
+
+impl PotDecode {
+    /// The faster of the two on AVX2 at every width, as `potptq bench kernels` measures it: the
+    /// table needs 1 instruction per 8 weights at 2 and 3 bits (the sign is part of the index)
+    /// and 3 at 4 bits; the bit-add needs 6.
+    pub fn chosen(_bits: u8) -> PotDecode {
+        PotDecode::Lut
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PotDecode::BitAdd => "bit-add",
+            PotDecode::Lut => "lut",
+        }
+    }
+}
+
+/// A choice of kernels; `Kernel::default()` is the fastest available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernel {
+    pub isa: Isa,
+    /// `None`: `PotDecode::chosen(bits)`.
+    pub pot_decode: Option<PotDecode>,
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Kernel { isa: Isa::best(), pot_decode: None }
+    }
+}
+
+/// At most this many tokens go the GEMV way (decoding the weights once per token); more are
+/// a GEMM.
+pub const GEMV_MAX_TOKENS: usize = 4;
+
+/// `y = x Wᵀ` for a packed `W` (`x`: `[tokens, cols]`, `y`: `[tokens, rows]`, row-major).
+pub fn matmul(m: &PackedMatrix, x: &[f32], tokens: usize, y: &mut [f32]) -> Result<()> {
+    matmul_with(Kernel::default(), m, x, tokens, y)
+}
+
+pub fn matmul_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], tokens: usize, y: &mut [f32]) -> Result<()> {
+    check_shapes(m.rows(), m.cols(), x, tokens, y)?;
+    let rows = PackedRows::new(m, kernel)?;
+    run(&rows, x, tokens, y);
+    Ok(())
+}
+
+/// `y = x Wᵀ` for a row-major f32 `W` of `[rows, cols]`.
+pub fn matmul_f32(isa: Isa, w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize, y: &mut [f32]) -> Result<()> {
+    ensure!(w.len() == rows * cols, "{} weights for a [{rows}, {cols}] matrix", w.len());
+    check_shapes(rows, cols, x, tokens, y)?;
+    check_isa(isa)?;
+    run(&F32Rows { w, rows, cols, isa }, x, tokens, y);
+    Ok(())
+}
+
+/// `y = x Wᵀ` for a row-major f16 `W` (as bits) of `[rows, cols]`.
+pub fn matmul_f16(isa: Isa, w: &[u16], rows: usize, cols: usize, x: &[f32], tokens: usize, y: &mut [f32]) -> Result<()> {
+    ensure!(w.len() == rows * cols, "{} weights for a [{rows}, {cols}] matrix", w.len());
+    check_shapes(rows, cols, x, tokens, y)?;
+    check_isa(isa)?;
+    run(&F16Rows { w, rows, cols, isa }, x, tokens, y);
+    Ok(())
+}
+
+/// Rows `first_row..` of `m` as f32, as many as fill `out`.
+pub(crate) fn decode_rows(m: &PackedMatrix, first_row: usize, out: &mut [f32]) {
+    let rows = PackedRows::new(m, Kernel::default()).expect("the best ISA is available");
+    out.par_chunks_mut(m.cols()).enumerate().for_each(|(i, row)| rows.decode(first_row + i, row));
+}
+
+fn check_shapes(rows: usize, cols: usize, x: &[f32], tokens: usize, y: &[f32]) -> Result<()> {
+    ensure!(rows > 0 && cols > 0, "empty weight matrix [{rows}, {cols}]");
+    ensure!(x.len() == tokens * cols, "input has {} values, expected {tokens} tokens × {cols}", x.len());
+    ensure!(y.len() == tokens * rows, "output has room for {} values, expected {tokens} tokens × {rows}", y.len());
+    Ok(())
+}
+
+fn check_isa(isa: Isa) -> Result<()> {
+    if !isa.available() {
+        bail!("this CPU has no {} kernels", isa.name());
+    }
+    Ok(())
+}
+
+/// A weight matrix bound to its row kernels: all the threading below needs.
+trait Rows: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Work shared by every row for one token (INT: the group sums of `x`).
+    fn prepare(&self, _x: &[f32]) -> Vec<f32> {
+        Vec::new()
+    }
+    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32;
+    fn decode(&self, r: usize, out: &mut [f32]);
+    /// The rows themselves when they are f32 already (GEMM then reads them in place).
+    fn as_f32(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+struct PackedRows<'a> {
+    m: &'a PackedMatrix,
+    simd: bool,
+    decode: PotDecode,
+}
+
+impl<'a> PackedRows<'a> {
+    fn new(m: &'a PackedMatrix, kernel: Kernel) -> Result<Self> {
+        check_isa(kernel.isa)?;
+        #[cfg(target_arch = "x86_64")]
+        let simd = kernel.isa == Isa::Avx2 && avx2::supports(m);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())) })
+    }
+}
+
+impl Rows for PackedRows<'_> {
+    fn rows(&self) -> usize {
+        self.m.rows()
+    }
+    fn cols(&self) -> usize {
+        self.m.cols()
+    }
+    fn prepare(&self, x: &[f32]) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd && self.m.format() != Format::Pot {
+            return avx2::int_x_sums(self.m, x);
+        }
+        let _ = x;
+        Vec::new()
+    }
+    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: `simd` is set only when the CPU has the features and the kernels cover m.
+            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, prepared) };
+        }
+        let _ = prepared;
+        portable::dot_packed(self.m, r, x)
+    }
+    fn decode(&self, r: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: as above; `out` is one row.
+            return unsafe { avx2::decode_packed(self.m, r, out) };
+        }
+        portable::decode_packed(self.m, r, out)
+    }
+}
+
+struct F32Rows<'a> {
+    w: &'a [f32],
+    rows: usize,
+    cols: usize,
+    isa: Isa,
+}
+
+impl Rows for F32Rows<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+        let w = &self.w[r * self.cols..(r + 1) * self.cols];
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            // SAFETY: the ISA was checked available; lengths are equal.
+            return unsafe { avx2::dot_f32(w, x) };
+        }
+        portable::dot_f32(w, x)
+    }
+    fn decode(&self, r: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.w[r * self.cols..(r + 1) * self.cols]);
+    }
+    fn as_f32(&self) -> Option<&[f32]> {
+        Some(self.w)
+    }
+}
+
+struct F16Rows<'a> {
+    w: &'a [u16],
+    rows: usize,
+    cols: usize,
+    isa: Isa,
+}
+
+impl Rows for F16Rows<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+        let w = &self.w[r * self.cols..(r + 1) * self.cols];
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            // SAFETY: the ISA was checked available; lengths are equal.
+            return unsafe { avx2::dot_f16(w, x) };
+        }
+        portable::dot_f16(w, x)
+    }
+    fn decode(&self, r: usize, out: &mut [f32]) {
+        let w = &self.w[r * self.cols..(r + 1) * self.cols];
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            // SAFETY: as above.
+            return unsafe { avx2::decode_f16(w, out) };
+        }
+        portable::decode_f16(w, out)
+    }
+}
+
+fn run(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
+    if tokens <= GEMV_MAX_TOKENS {
+        gemv(rows, x, tokens, y)
+    } else {
+        gemm(rows, x, tokens, y)
+    }
+}
+
+/// `y` shared by tasks that write disjoint elements of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes only the outputs of its own rows.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Weights per GEMV task: enough to amortize rayon's scheduling, small enough to balance.
+const TASK_WEIGHTS: usize = 32 * 1024;
+
+fn gemv(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
+    let (n, cols) = (rows.rows(), rows.cols());
+    let prepared: Vec<Vec<f32>> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
+    let per_task = (TASK_WEIGHTS / cols).max(1);
+    let out = SharedOut(y.as_mut_ptr());
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let out = out;
+        for r in task * per_task..((task + 1) * per_task).min(n) {
+            for (t, prep) in prepared.iter().enumerate() {
+                let v = rows.dot(r, &x[t * cols..(t + 1) * cols], prep);
+                // SAFETY: row r belongs to this task only; t·n + r < tokens·n = y.len().
+                unsafe { *out.0.add(t * n + r) = v };
+            }
+        }
+    });
+}
+
+/// Rows decoded per GEMM panel: the panel (f32) stays within about half a MiB.
+fn panel_rows(cols: usize) -> usize {
+    ((512 * 1024 / 4 / cols) / 8 * 8).clamp(8, 64)
+}
+
+fn gemm(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
+    let (n, cols) = (rows.rows(), rows.cols());
+    let panel = panel_rows(cols);
+    let out = SharedOut(y.as_mut_ptr());
+    (0..n.div_ceil(panel)).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, p| {
+        let out = out;
+        let (r0, count) = (p * panel, panel.min(n - p * panel));
+        let w: &[f32] = match rows.as_f32() {
+            Some(w) => &w[r0 * cols..(r0 + count) * cols],
+            None => {
+                buf.resize(count * cols, 0.0);
+                for (i, row) in buf.chunks_mut(cols).enumerate() {
+                    rows.decode(r0 + i, row);
+                }
+                buf
+            }
+        };
+        // y[t, r0 + j] = Σ_k x[t, k] · w[j, k]: lhs = x (tokens × cols), rhs = wᵀ (cols × count).
+        // SAFETY: the pointers cover the strided extents; this task's columns of y are its own.
+        unsafe {
+            gemm::gemm(
+                tokens,
+                count,
+                cols,
+                out.0.add(r0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                cols as isize,
+                w.as_ptr(),
+                cols as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
