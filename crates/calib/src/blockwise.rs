@@ -145,12 +145,12 @@ impl QuantizedModel {
 }
 
 fn weight_of(block: &Block, linear: &str) -> Result<Vec<f32>> {
-    Ok(block.linear(linear).context("block linear")?.weight.flatten_all()?.to_vec1::<f32>()?)
+    Ok(block.linear(linear).context("block linear")?.weight()?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn set_weight(block: &mut Block, linear: &str, q: &QTensor) -> Result<()> {
     let w = Tensor::from_vec(q.dequantize(), (q.layout.rows, q.layout.cols), &Device::Cpu)?;
-    block.linear_mut(linear).context("block linear")?.weight = w;
+    block.linear_mut(linear).context("block linear")?.set_weight(w);
     Ok(())
 }
 

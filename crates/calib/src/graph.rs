@@ -27,7 +27,7 @@ impl BlockWeights {
         let mut biases = Vec::with_capacity(7);
         for i in 0..7 {
             let l = linear(i)?;
-            weights.push(l.weight.to_device(device)?);
+            weights.push(l.weight()?.to_device(device)?);
             biases.push(match &l.bias {
                 Some(b) => Some(b.to_device(device)?),
                 None => None,

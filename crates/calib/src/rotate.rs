@@ -28,13 +28,13 @@ pub fn rotate_model(model: &Model, seed: u64) -> Result<Model> {
     let ones = Tensor::ones(d, DType::F32, &Device::Cpu)?;
     for block in &mut out.blocks {
         for l in [&mut block.q_proj, &mut block.k_proj, &mut block.v_proj] {
-            l.weight = reads(&fold(&l.weight, &block.attn_norm)?)?;
+            l.set_weight(reads(&fold(l.weight()?, &block.attn_norm)?)?);
         }
         for l in [&mut block.gate_proj, &mut block.up_proj] {
-            l.weight = reads(&fold(&l.weight, &block.mlp_norm)?)?;
+            l.set_weight(reads(&fold(l.weight()?, &block.mlp_norm)?)?);
         }
-        block.o_proj.weight = writes(&block.o_proj.weight)?;
-        block.down_proj.weight = writes(&block.down_proj.weight)?;
+        block.o_proj.set_weight(writes(block.o_proj.weight()?)?);
+        block.down_proj.set_weight(writes(block.down_proj.weight()?)?);
         block.attn_norm = ones.clone();
         block.mlp_norm = ones.clone();
     }
@@ -199,8 +199,8 @@ mod tests {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff <= 1e-4 * scale, "logits differ by {diff} (scale {scale})");
         // The weights did change.
-        let w0 = model.blocks[0].q_proj.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let w1 = rotated.blocks[0].q_proj.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w0 = model.blocks[0].q_proj.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w1 = rotated.blocks[0].q_proj.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(w0.iter().zip(&w1).any(|(x, y)| (x - y).abs() > 1e-3));
     }
 }

@@ -275,7 +275,7 @@ mod tests {
         BLOCK_LINEARS
             .iter()
             .map(|name| {
-                let w = &block.linear(name).unwrap().weight;
+                let w = block.linear(name).unwrap().weight().unwrap();
                 let (rows, cols) = cfg.linear_shape(name);
                 let layout = GroupLayout::new(rows, cols, group).unwrap();
                 let q = quantize_pot_step1(name, &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), layout, bits, &Grid::default()).unwrap();

@@ -19,6 +19,15 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> Result<&Tensor> {
+        Ok(&self.weight)
+    }
+
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = self.weight.dims2()?;
         let dims = x.dims().to_vec();

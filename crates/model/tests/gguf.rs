@@ -29,7 +29,7 @@ fn model_tensors(m: &Model) -> HashMap<String, Tensor> {
         out.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.clone());
         for name in potptq_model::llama::BLOCK_LINEARS {
             let l = b.linear(name).unwrap();
-            out.insert(format!("model.layers.{i}.{name}.weight"), l.weight.clone());
+            out.insert(format!("model.layers.{i}.{name}.weight"), l.weight().unwrap().clone());
             if let Some(bias) = &l.bias {
                 out.insert(format!("model.layers.{i}.{name}.bias"), bias.clone());
             }
