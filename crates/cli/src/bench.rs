@@ -11,12 +11,19 @@ use serde_json::json;
 
 use crate::common::{model_path, print_json};
 
+mod generate;
+mod kernels;
+
 #[derive(Subcommand)]
 pub enum Bench {
     /// Evaluation forward pass: tokens/s and GFLOP/s against a bare f32 matmul of the same shapes.
     Forward(ForwardArgs),
     /// Step 1 weights/s against PoT-RTN, and GPTQ seconds per layer, on SmolLM2 and Llama-7B shapes.
     Quant(QuantArgs),
+    /// Packed PoT and INT matrix products against dense f32, per layer shape, bits and batch.
+    Kernels(kernels::KernelArgs),
+    /// Decode tokens/s of the FP model against INT and PoT checkpoints made from it.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -57,6 +64,8 @@ pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Forward(a) => forward(a),
         Bench::Quant(a) => quant(a),
+        Bench::Kernels(a) => kernels::run(a),
+        Bench::Generate(a) => generate::run(a),
     }
 }
 
@@ -92,7 +101,7 @@ fn attention_flops(c: &Config, t: usize) -> f64 {
 fn forward_pass(model: &Model, tokens: &Tensor) -> Result<()> {
     let h = model.forward_hidden(tokens, None)?;
     let h = h.squeeze(0)?;
-    let _logits = h.matmul(&model.output_weight().t()?)?;
+    let _logits = model.logits(&h)?;
     Ok(())
 }
 

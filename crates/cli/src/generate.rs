@@ -63,9 +63,14 @@ pub fn run(args: Args) -> Result<()> {
         print!("{}", &text[printed.len()..]);
     }
     println!();
+    let resident = potptq_model::memory::resident();
     eprintln!(
-        "{} prompt tokens, {} generated; prefill {:.2} s, decode {:.1} tokens/s",
-        stats.prompt_tokens, stats.generated_tokens, stats.prefill_seconds, stats.decode_tokens_per_s
+        "{} prompt tokens, {} generated; prefill {:.2} s, decode {:.1} tokens/s; {}",
+        stats.prompt_tokens,
+        stats.generated_tokens,
+        stats.prefill_seconds,
+        stats.decode_tokens_per_s,
+        resident.map_or("resident memory unknown".to_string(), |r| r.to_string())
     );
     if args.json {
         print_json(&json!({
@@ -76,6 +81,8 @@ pub fn run(args: Args) -> Result<()> {
             "generated_tokens": stats.generated_tokens,
             "prefill_seconds": stats.prefill_seconds,
             "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "resident_bytes": resident.map(|r| r.bytes),
+            "peak_resident_bytes": resident.map(|r| r.peak_bytes),
         }));
     }
     Ok(())

@@ -13,12 +13,25 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Only read the file's description; do not load the model (no resident memory figure).
+    #[arg(long)]
+    no_load: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let path = model_path(args.model)?;
     let (format, config, tensors) = potptq_model::describe(&path)?;
     let stored: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let file_bytes = file_bytes(&path);
+    // Resident memory once loaded for inference: a packed checkpoint stays packed.
+    let resident = if args.no_load {
+        None
+    } else {
+        let loaded = potptq_model::load(&path)?;
+        let r = potptq_model::memory::resident();
+        drop(loaded);
+        r
+    };
     if args.json {
         print_json(&json!({
             "model": path.display().to_string(),
@@ -26,6 +39,9 @@ pub fn run(args: Args) -> Result<()> {
             "config": config,
             "parameters": config.parameter_count(),
             "stored_elements": stored,
+            "file_bytes": file_bytes,
+            "resident_bytes": resident.map(|r| r.bytes),
+            "peak_resident_bytes": resident.map(|r| r.peak_bytes),
             "tensors": tensors,
         }));
         return Ok(());
@@ -48,9 +64,22 @@ pub fn run(args: Args) -> Result<()> {
         config.rope_theta, config.rms_norm_eps, config.max_position_embeddings, config.tie_word_embeddings, config.attention_bias
     );
     println!("parameters  {} ({:.1} M)", config.parameter_count(), config.parameter_count() as f64 / 1e6);
+    println!("file        {:.1} MB", file_bytes as f64 / 1e6);
+    if let Some(r) = resident {
+        println!("loaded      {r}");
+    }
     println!("tensors     {}", tensors.len());
     for t in &tensors {
         println!("  {:<48} {:<6} {:?}", t.name, t.dtype, t.shape);
     }
     Ok(())
+}
+
+/// Size of a model file, or of every file in a model directory.
+fn file_bytes(path: &std::path::Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path).map_or(0, |d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+    } else {
+        std::fs::metadata(path).map_or(0, |m| m.len())
+    }
 }

@@ -6,10 +6,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use potptq_kernels::PackedMatrix;
 use potptq_quant::{Format, GroupLayout, QTensor};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
@@ -218,7 +220,7 @@ pub fn export_dequantized(dir: &Path, model: &Model, tokenizer: Option<&Tokenize
     let mut entries = unquantized_entries(model, true)?;
     for (i, lname, full) in linear_names(model.config.num_layers) {
         let linear = model.blocks[i].linear(lname).expect("block linear");
-        entries.push((format!("{full}.weight"), f32_entry(&linear.weight, true)?));
+        entries.push((format!("{full}.weight"), f32_entry(&linear.weight_f32()?, true)?));
     }
     let mut config = model.config.to_hf_json();
     config["torch_dtype"] = "float16".into();
@@ -242,37 +244,27 @@ pub fn read_quant_config(dir: &Path) -> Result<Option<QuantConfig>> {
     Ok(Some(qc))
 }
 
-/// A tensor as stored: dtype, shape and little-endian bytes.
-pub struct RawTensor {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub data: Vec<u8>,
-}
-
-fn read_raw(path: &Path) -> Result<HashMap<String, RawTensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
-        .collect())
-}
-
-/// A loaded checkpoint: the dequantized tensors for the forward (Hugging Face names) and the
-/// quantized linears as stored.
+/// A loaded checkpoint: the unquantized tensors (Hugging Face names; f16 as stored, f32
+/// otherwise) and the quantized linears, packed as stored.
 pub struct Loaded {
     pub tensors: HashMap<String, Tensor>,
-    pub quantized: HashMap<String, QTensor>,
+    pub packed: HashMap<String, Arc<PackedMatrix>>,
 }
 
-/// Reads `dir/model.safetensors` of a checkpoint described by `qc`.
+fn le_u32s(data: &[u8]) -> Vec<u32> {
+    data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Reads `dir/model.safetensors` of a checkpoint described by `qc`. The quantized linears stay
+/// packed (codes as stored, scales as f32): memory holds about what the file holds.
 pub fn load(dir: &Path, config: &Config, qc: &QuantConfig) -> Result<Loaded> {
     let format = qc.format()?;
-    let mut raw = read_raw(&dir.join("model.safetensors"))?;
-    let mut tensors = HashMap::new();
-    let mut quantized = HashMap::new();
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let mut raw: HashMap<String, safetensors::tensor::TensorView> = st.tensors().into_iter().collect();
+    let mut packed = HashMap::new();
     for (_, lname, full) in linear_names(config.num_layers) {
         let mut take = |suffix: &str| {
             raw.remove(&format!("{full}.{suffix}"))
@@ -284,41 +276,41 @@ pub fn load(dir: &Path, config: &Config, qc: &QuantConfig) -> Result<Loaded> {
         let (rows, cols) = config.linear_shape(lname);
         let layout = GroupLayout::new(rows, cols, qc.group_size)?;
         let groups = layout.groups_per_row();
+        let words = potptq_quant::pack::words_per_row(cols, qc.bits);
         ensure!(
-            qweight.dtype == Dtype::I32 && qweight.shape == [rows, potptq_quant::pack::words_per_row(cols, qc.bits)],
-            "`{full}.qweight` must be I32 [{rows}, {}], found {:?} {:?}",
-            potptq_quant::pack::words_per_row(cols, qc.bits),
-            qweight.dtype,
-            qweight.shape
+            qweight.dtype() == Dtype::I32 && qweight.shape() == [rows, words],
+            "`{full}.qweight` must be I32 [{rows}, {words}], found {:?} {:?}",
+            qweight.dtype(),
+            qweight.shape()
         );
         ensure!(
-            scales.dtype == Dtype::F16 && scales.shape == [rows, groups],
+            scales.dtype() == Dtype::F16 && scales.shape() == [rows, groups],
             "`{full}.scales` must be F16 [{rows}, {groups}], found {:?} {:?}",
-            scales.dtype,
-            scales.shape
+            scales.dtype(),
+            scales.shape()
         );
-        let packed: Vec<u32> = qweight.data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let scales: Vec<f32> = scales.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        let scales: Vec<f32> = scales.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
         let zeros = match zeros {
             None => Vec::new(),
             Some(z) => {
-                ensure!(z.dtype == Dtype::U8 && z.shape == [rows, groups], "`{full}.zeros` must be U8 [{rows}, {groups}]");
-                z.data
+                ensure!(z.dtype() == Dtype::U8 && z.shape() == [rows, groups], "`{full}.zeros` must be U8 [{rows}, {groups}]");
+                z.data().to_vec()
             }
         };
-        let q = QTensor::from_packed(format, qc.bits, layout, &packed, scales, zeros).with_context(|| format!("tensor `{full}`"))?;
-        tensors.insert(format!("{full}.weight"), Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu)?);
-        quantized.insert(full, q);
+        let m = PackedMatrix::new(format, qc.bits, layout, le_u32s(qweight.data()), scales, zeros).with_context(|| format!("tensor `{full}`"))?;
+        packed.insert(full, Arc::new(m));
     }
+    let mut tensors = HashMap::new();
     for (name, t) in raw {
-        let dtype = match t.dtype {
+        let dtype = match t.dtype() {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             other => bail!("unsupported tensor type {other:?} for `{name}` in the checkpoint"),
         };
-        let tensor = Tensor::from_raw_buffer(&t.data, dtype, &t.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let tensor = Tensor::from_raw_buffer(t.data(), dtype, t.shape(), &Device::Cpu)?;
+        let tensor = if dtype == DType::F16 { tensor } else { tensor.to_dtype(DType::F32)? };
         tensors.insert(name, tensor);
     }
-    Ok(Loaded { tensors, quantized })
+    Ok(Loaded { tensors, packed })
 }

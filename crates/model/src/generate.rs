@@ -119,7 +119,7 @@ pub fn generate(
         let input = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)?;
         let hidden = model.forward_hidden(&input, Some(cache))?;
         let last = hidden.get(0)?.narrow(0, tokens.len() - 1, 1)?;
-        let logits = last.matmul(&model.output_weight().t()?)?;
+        let logits = model.logits(&last)?;
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     };
     let mut logits = last_logits(prompt, &mut cache)?;

@@ -8,12 +8,15 @@ pub mod corpus;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod kernel_ops;
 pub mod llama;
+pub mod memory;
 pub mod perplexity;
 pub mod tokenizer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -45,8 +48,9 @@ pub struct LoadedModel {
     pub tokenizer: Option<Tokenizer>,
     /// Tokens that end generation.
     pub eos_ids: Vec<u32>,
-    /// For a potptq checkpoint: its quantization and the quantized linears as stored.
-    pub quantized: Option<(checkpoint::QuantConfig, HashMap<String, potptq_quant::QTensor>)>,
+    /// For a potptq checkpoint: its quantization and the quantized linears as stored (shared
+    /// with the model's linears).
+    pub quantized: Option<(checkpoint::QuantConfig, HashMap<String, Arc<potptq_kernels::PackedMatrix>>)>,
 }
 
 impl LoadedModel {
@@ -81,17 +85,17 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         Format::HuggingFace => {
             let config = hf::read_config(path)?;
             let eos_ids = hf::read_eos_ids(path);
-            let tensors = match checkpoint::read_quant_config(path)? {
+            let (tensors, packed) = match checkpoint::read_quant_config(path)? {
                 Some(qc) => {
                     let loaded = checkpoint::load(path, &config, &qc)?;
-                    quantized = Some((qc, loaded.quantized));
-                    loaded.tensors
+                    quantized = Some((qc, loaded.packed.clone()));
+                    (loaded.tensors, loaded.packed)
                 }
-                None => hf::read_tensors(path)?,
+                None => (hf::read_tensors(path)?, HashMap::new()),
             };
             let tok_path = path.join("tokenizer.json");
             let tokenizer = if tok_path.exists() { Some(tokenizer::from_file(&tok_path)?) } else { None };
-            (Model::from_tensors(config, tensors)?, tokenizer, eos_ids)
+            (Model::from_parts(config, tensors, packed)?, tokenizer, eos_ids)
         }
     };
     Ok(LoadedModel { path: path.to_path_buf(), format, model, tokenizer, eos_ids, quantized })

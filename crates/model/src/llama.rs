@@ -4,42 +4,88 @@
 //! order), whatever file they came from, so every method downstream sees one convention.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use potptq_kernels::PackedMatrix;
 
 use crate::attention::{causal_attention, AttnShape};
 use crate::config::Config;
+use crate::kernel_ops;
+
+/// The weight of a linear layer: an f32 matrix, or codes + scales as a packed checkpoint
+/// stores them, multiplied by the kernels crate without being expanded.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Packed(Arc<PackedMatrix>),
+}
 
 /// A linear layer `y = x Wᵀ + b`, `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// The weight `[out, in]`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Dense(weight), bias }
+    }
+
+    /// The dense weight `[out, in]`; an error for a packed linear (see `Model::to_dense`).
     pub fn weight(&self) -> Result<&Tensor> {
-        Ok(&self.weight)
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w),
+            LinearWeight::Packed(_) => bail!("this linear layer is packed (a quantized checkpoint); dequantize the model first"),
+        }
     }
 
     pub fn set_weight(&mut self, weight: Tensor) {
-        self.weight = weight;
+        self.weight = LinearWeight::Dense(weight);
+    }
+
+    pub fn packed(&self) -> Option<&Arc<PackedMatrix>> {
+        match &self.weight {
+            LinearWeight::Packed(m) => Some(m),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+
+    /// The weight as an f32 tensor `[out, in]`, dequantized when packed.
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Packed(m) => Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.dims2()?),
+            LinearWeight::Packed(m) => Ok((m.rows(), m.cols())),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_features, in_features) = self.weight.dims2()?;
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, in_features))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let (out_features, in_features) = w.dims2()?;
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().unwrap() = out_features;
+                y.reshape(out_dims)?
+            }
+            LinearWeight::Packed(m) => kernel_ops::packed_matmul(x, m)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = out_features;
-        Ok(y.reshape(out_dims)?)
+        Ok(y)
     }
 }
 
@@ -289,13 +335,21 @@ impl Block {
 impl Model {
     /// Builds the model from tensors named as in Hugging Face checkpoints
     /// (`model.layers.{i}.self_attn.q_proj.weight`, …), checking every shape against `config`.
-    pub fn from_tensors(config: Config, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
+    pub fn from_tensors(config: Config, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        Self::from_parts(config, tensors, HashMap::new())
+    }
+
+    /// As `from_tensors`, with the block linears found in `packed` (by
+    /// `model.layers.{i}.{linear}`) kept packed. A model with packed linears also keeps f16
+    /// embeddings and output projection in f16, as its checkpoint stores them.
+    pub fn from_parts(config: Config, mut tensors: HashMap<String, Tensor>, mut packed: HashMap<String, Arc<PackedMatrix>>) -> Result<Self> {
         config.validate()?;
         let device = Device::Cpu;
         let c = &config;
         let (d, ffn, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let keep_f16 = !packed.is_empty();
+        let mut take_as = |name: &str, shape: &[usize], f16_ok: bool| -> Result<Tensor> {
             let t = tensors
                 .remove(name)
                 .with_context(|| format!("missing tensor `{name}`"))?;
@@ -306,16 +360,21 @@ impl Model {
                     shape
                 );
             }
-            let t = t.to_dtype(DType::F32)?;
+            let t = if f16_ok && t.dtype() == DType::F16 { t } else { t.to_dtype(DType::F32)? };
             check_finite(name, &t)?;
             Ok(t)
         };
-        let embed_tokens = take("model.embed_tokens.weight", &[v, d])?;
+        let embed_tokens = take_as("model.embed_tokens.weight", &[v, d], keep_f16)?;
+        let mut take = |name: &str, shape: &[usize]| take_as(name, shape, false);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight = take(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let weight = match packed.remove(&format!("{p}.{name}")) {
+                    Some(m) if (m.rows(), m.cols()) == (out, inp) => LinearWeight::Packed(m),
+                    Some(m) => bail!("packed `{p}.{name}` is [{}, {}], but the config implies [{out}, {inp}]", m.rows(), m.cols()),
+                    None => LinearWeight::Dense(take(&format!("{p}.{name}.weight"), &[out, inp])?),
+                };
                 let bias = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
                 Ok(Linear { weight, bias })
             };
@@ -343,20 +402,51 @@ impl Model {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(take("lm_head.weight", &[v, d])?)
+            Some(take_as("lm_head.weight", &[v, d], keep_f16)?)
         };
+        if let Some(name) = packed.keys().next() {
+            bail!("packed tensor `{name}` is not a linear of this model");
+        }
         let rope = Rope::new(&config, &device)?;
         Ok(Self { config, embed_tokens, blocks, norm, lm_head, rope })
     }
 
+    /// The output projection `[vocab, hidden]`: f32, or f16 in a model loaded from a packed
+    /// checkpoint (see `logits`).
     pub fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Logits `[.., vocab]` of hidden states `[.., hidden]`; an f16 output projection goes
+    /// through the f16 kernel, never expanded to f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.output_weight();
+        if w.dtype() == DType::F16 {
+            return kernel_ops::f16_matmul(hidden, w);
+        }
+        Linear::dense(w.clone(), None).forward(hidden)
+    }
+
+    /// The same model with every linear (and the embeddings) as f32 tensors, e.g. to
+    /// quantize a packed checkpoint again.
+    pub fn to_dense(&self) -> Result<Model> {
+        let mut m = self.clone();
+        for block in &mut m.blocks {
+            for name in BLOCK_LINEARS {
+                let l = block.linear_mut(name).expect("block linear");
+                let w = l.weight_f32()?;
+                l.set_weight(w);
+            }
+        }
+        m.embed_tokens = m.embed_tokens.to_dtype(DType::F32)?;
+        m.lm_head = m.lm_head.map(|h| h.to_dtype(DType::F32)).transpose()?;
+        Ok(m)
     }
 
     /// Token embeddings of `tokens` (`[batch, seq]`, u32) → `[batch, seq, hidden]`.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let flat = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?;
+        let flat = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?;
         Ok(flat.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -390,12 +480,19 @@ impl Model {
     /// Logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(tokens, cache)?;
-        Linear { weight: self.output_weight().clone(), bias: None }.forward(&h)
+        self.logits(&h)
     }
 }
 
 /// Rejects NaN/Inf weights with the tensor's name.
 pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    if t.dtype() == DType::F16 {
+        let values = t.flatten_all()?.to_vec1::<half::f16>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!("tensor `{name}` contains a non-finite value ({}) at flat index {i}", values[i]);
+        }
+        return Ok(());
+    }
     let sum = t.abs()?.sum_all()?.to_scalar::<f32>()?;
     if !sum.is_finite() {
         // The sum overflows only for huge finite values too; find a real non-finite entry.

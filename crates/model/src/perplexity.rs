@@ -99,7 +99,7 @@ pub fn perplexity(
         for i in 0..b {
             // Only the scored positions go through the output projection.
             let h = hidden.get(i)?.narrow(0, positions.start, positions.len())?;
-            let logits = h.matmul(&model.output_weight().t()?)?;
+            let logits = model.logits(&h)?;
             let targets = &chunk[i * t + positions.start + 1..i * t + positions.end + 1];
             nll += nll_sum(&logits, targets)?;
             scored += targets.len();

@@ -1,0 +1,112 @@
+//! A packed checkpoint runs through the kernels crate and gives what its dequantized f32
+//! weights give: the same perplexity (batched windows: the GEMM path), the same logits token
+//! by token with the KV cache (the GEMV path), and an export that matches.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use potptq_model::checkpoint::{self, through_f16, QuantConfig};
+use potptq_model::llama::{KvCache, Model, BLOCK_LINEARS};
+use potptq_model::perplexity::{perplexity, PplOptions, Scoring};
+use potptq_quant::{quantize_rtn, Format, GroupLayout, QTensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// Quantizes every block linear of `fp` by RTN; returns the dequantized f32 model (embeddings
+/// through f16, as the checkpoint stores them) and the codes.
+fn quantize(fp: &Model, format: Format, bits: u8, group: usize) -> (Model, HashMap<String, QTensor>) {
+    let mut model = fp.clone();
+    model.embed_tokens = through_f16(&fp.embed_tokens).unwrap();
+    model.lm_head = fp.lm_head.as_ref().map(|h| through_f16(h).unwrap());
+    let mut tensors = HashMap::new();
+    for (i, block) in model.blocks.iter_mut().enumerate() {
+        for name in BLOCK_LINEARS {
+            let l = block.linear_mut(name).unwrap();
+            let (rows, cols) = l.shape().unwrap();
+            let w = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = quantize_rtn(name, &w, GroupLayout::new(rows, cols, group).unwrap(), format, bits).unwrap();
+            l.set_weight(Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap());
+            tensors.insert(format!("model.layers.{i}.{name}"), q);
+        }
+    }
+    (model, tensors)
+}
+
+fn qconfig(format: Format, bits: u8, group: usize) -> QuantConfig {
+    QuantConfig {
+        quant_method: checkpoint::QUANT_METHOD.into(),
+        format: if format == Format::Pot { "pot".into() } else { "int".into() },
+        bits,
+        group_size: group,
+        sym: false,
+        steps: vec!["test".into()],
+        method: "test".into(),
+        packing: checkpoint::PACKING.into(),
+        clamped_scales: 0,
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn packed_checkpoint_equals_its_dequantized_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fixture_name, format, bits, group) in [
+        ("tiny_llama", Format::Pot, 2, 32),
+        ("tiny_llama", Format::Pot, 3, 40),
+        ("tiny_qwen2", Format::Pot, 4, 64),
+        ("tiny_mistral", Format::IntAsym, 3, 40),
+        ("tiny_llama", Format::IntAsym, 4, 32),
+    ] {
+        let what = format!("{fixture_name} {format:?} {bits} bits g{group}");
+        let fp = potptq_model::load(&fixture(fixture_name)).unwrap().model;
+        let (dense, tensors) = quantize(&fp, format, bits, group);
+        let dir = tmp.path().join(what.replace(' ', "-"));
+        checkpoint::save(&dir, &dense, &tensors, &qconfig(format, bits, group), None, &[], false).unwrap();
+        let loaded = potptq_model::load(&dir).unwrap();
+        let packed = &loaded.model;
+        assert!(packed.blocks.iter().all(|b| BLOCK_LINEARS.iter().all(|n| b.linear(n).unwrap().packed().is_some())), "{what}");
+        assert_eq!(packed.embed_tokens.dtype(), DType::F16, "{what}: embeddings stay f16");
+
+        // Perplexity over batched windows (more tokens than the GEMV path takes).
+        let vocab = fp.config.vocab_size as u32;
+        let tokens: Vec<u32> = (0..4 * 48u32).map(|i| (i * 37 + 11) % vocab).collect();
+        let opts = PplOptions { seq_len: 48, max_windows: None, scoring: Scoring::All, batch: 2 };
+        let want = perplexity(&dense, &tokens, &opts, |_, _| {}).unwrap().ppl;
+        let got = perplexity(packed, &tokens, &opts, |_, _| {}).unwrap().ppl;
+        assert!(((got - want) / want).abs() <= 1e-4, "{what}: ppl {got} vs {want}");
+
+        // Token by token with the cache: one-token products.
+        let (mut cd, mut cp) = (KvCache::new(fp.config.num_layers), KvCache::new(fp.config.num_layers));
+        for &t in &tokens[..6] {
+            let ids = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
+            let a = values(&dense.forward(&ids, Some(&mut cd)).unwrap());
+            let b = values(&packed.forward(&ids, Some(&mut cp)).unwrap());
+            assert!(max_rel(&b, &a) <= 1e-5, "{what}: logits differ by {}", max_rel(&b, &a));
+        }
+
+        // Export from the packed model writes the dequantized weights.
+        let out = tmp.path().join(format!("{}-export", what.replace(' ', "-")));
+        checkpoint::export_dequantized(&out, packed, None, false).unwrap();
+        let exported = potptq_model::load(&out).unwrap().model;
+        for (x, y) in exported.blocks.iter().zip(&dense.blocks) {
+            for n in BLOCK_LINEARS {
+                let (a, b) = (values(x.linear(n).unwrap().weight().unwrap()), values(y.linear(n).unwrap().weight().unwrap()));
+                assert!(max_rel(&a, &b) <= 1e-3, "{what}: exported {n} (f16) differs");
+            }
+        }
+        // A packed model converts back to a dense one with the same weights.
+        let back = packed.to_dense().unwrap();
+        assert_eq!(values(back.blocks[0].q_proj.weight().unwrap()), values(dense.blocks[0].q_proj.weight().unwrap()), "{what}");
+    }
+}
