@@ -232,7 +232,7 @@ impl Streams {
                 let device = fp[0].device().clone();
                 *fp = match targets.take() {
                     Some(t) => t,
-                    None => fp_outputs(graph, fp_block, fp, &device)?,
+                    None => fp_outputs(graph, &BlockWeights::from_block(fp_block, &device)?, fp)?,
                 };
                 if let Some(xs) = quantized {
                     let w = BlockWeights::from_block(quantized_block, &device)?;
@@ -246,9 +246,8 @@ impl Streams {
     }
 }
 
-fn fp_outputs(graph: &BlockGraph, fp_block: &Block, xs: &[Tensor], device: &Device) -> Result<Vec<Tensor>> {
-    let w = BlockWeights::from_block(fp_block, device)?;
-    xs.iter().map(|x| graph.forward(&w, x, None)).collect()
+fn fp_outputs(graph: &BlockGraph, fp_weights: &BlockWeights, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+    xs.iter().map(|x| graph.forward(fp_weights, x, None)).collect()
 }
 
 /// Quantizes every block linear of `fp` with `opts.method`. `calib` (token segments, all of one
@@ -328,44 +327,37 @@ fn quantize_block(
     let mut block = fp_block.clone();
     let (format, bits) = (opts.method.format(), opts.bits);
     let mut quantized = Vec::with_capacity(layouts.len());
-    match opts.method.init() {
-        Init::Step1 if opts.weighted_step1 => {
-            // Sequential like GPTQ: each stage's input moments through the stages before it, quantized.
-            for stage in Stage::ALL {
-                let moments = streams.hessian(&block, model, stage)?.diag();
-                for linear in stage.linears() {
-                    let (name, layout) = &layouts[BLOCK_LINEARS.iter().position(|l| l == linear).expect("block linear")];
-                    let w = weight_of(&block, linear)?;
-                    let q = quantize_pot_step1_weighted(name, &w, *layout, bits, &opts.grid, &moments)?;
-                    set_weight(&mut block, linear, &q)?;
-                    quantized.push((name.clone(), q));
-                }
-            }
-        }
-        Init::Rtn | Init::Step1 => {
-            for ((name, layout), linear) in layouts.iter().zip(BLOCK_LINEARS) {
+    let staged = opts.method.init() == Init::Gptq || opts.weighted_step1;
+    if staged {
+        // GPTQ's sequential recipe: each stage's input taken through the stages before it,
+        // already quantized; stages run in `BLOCK_LINEARS` order. Weighted Step 1 uses only the
+        // Hessian's diagonal, the input's second moments.
+        for stage in Stage::ALL {
+            let hessian = streams.hessian(&block, model, stage)?;
+            let moments = (opts.method.init() == Init::Step1).then(|| hessian.diag());
+            for linear in stage.linears() {
+                let (name, layout) = &layouts[BLOCK_LINEARS.iter().position(|l| l == linear).expect("block linear")];
                 let w = weight_of(&block, linear)?;
-                let q = match opts.method.init() {
-                    Init::Step1 => quantize_pot_step1(name, &w, *layout, bits, &opts.grid)?,
-                    _ => quantize_rtn(name, &w, *layout, format, bits)?,
+                let q = match &moments {
+                    Some(moments) => quantize_pot_step1_weighted(name, &w, *layout, bits, &opts.grid, moments)?,
+                    None => {
+                        let gptq_opts = GptqOptions { weighted_scales: opts.weighted_step1, ..opts.gptq.clone() };
+                        gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?
+                    }
                 };
                 set_weight(&mut block, linear, &q)?;
                 quantized.push((name.clone(), q));
             }
         }
-        Init::Gptq => {
-            // Stages run in `BLOCK_LINEARS` order.
-            for stage in Stage::ALL {
-                let hessian = streams.hessian(&block, model, stage)?;
-                for linear in stage.linears() {
-                    let (name, layout) = &layouts[BLOCK_LINEARS.iter().position(|l| l == linear).expect("block linear")];
-                    let w = weight_of(&block, linear)?;
-                    let gptq_opts = GptqOptions { weighted_scales: opts.weighted_step1, ..opts.gptq.clone() };
-                    let q = gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?;
-                    set_weight(&mut block, linear, &q)?;
-                    quantized.push((name.clone(), q));
-                }
-            }
+    } else {
+        for ((name, layout), linear) in layouts.iter().zip(BLOCK_LINEARS) {
+            let w = weight_of(&block, linear)?;
+            let q = match opts.method.init() {
+                Init::Step1 => quantize_pot_step1(name, &w, *layout, bits, &opts.grid)?,
+                _ => quantize_rtn(name, &w, *layout, format, bits)?,
+            };
+            set_weight(&mut block, linear, &q)?;
+            quantized.push((name.clone(), q));
         }
     }
     if !opts.method.refines() {
@@ -377,7 +369,7 @@ fn quantize_block(
     };
     let device = fp[0].device().clone();
     let fp_weights = BlockWeights::from_block(fp_block, &device)?;
-    let fp_out = fp_outputs(graph, fp_block, fp, &device)?;
+    let fp_out = fp_outputs(graph, &fp_weights, fp)?;
     // Codes are recomputed from the FP weights, or, after GPTQ, from its updated weights (whose
     // codes the refined scales then keep: a scale moves far less than the √2 it takes to flip one).
     let source = if opts.method.init() == Init::Gptq { &block } else { fp_block };

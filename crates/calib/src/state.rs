@@ -43,8 +43,7 @@ impl RunState {
                 );
             }
         } else {
-            let bytes = serde_json::to_vec_pretty(identity)?;
-            potptq_model::atomic_write(&path, |w| Ok(std::io::Write::write_all(w, &bytes)?))?;
+            potptq_model::atomic_write_bytes(&path, &serde_json::to_vec_pretty(identity)?)?;
         }
         Ok(Self { dir: dir.to_path_buf() })
     }
@@ -78,7 +77,7 @@ impl RunState {
             meta.insert("refine".to_string(), serde_json::to_string(r)?);
         }
         let bytes = safetensors::serialize(views, Some(meta))?;
-        potptq_model::atomic_write(&self.block_path(block), |w| Ok(std::io::Write::write_all(w, &bytes)?))
+        potptq_model::atomic_write_bytes(&self.block_path(block), &bytes)
     }
 
     /// Block `block`'s linears, given each one's name and layout.

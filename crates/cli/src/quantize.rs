@@ -215,8 +215,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value)?;
-    potptq_model::atomic_write(path, |w| Ok(std::io::Write::write_all(w, &bytes)?))
+    potptq_model::atomic_write_bytes(path, &serde_json::to_vec_pretty(value)?)
 }
 
 pub fn run(args: Args) -> Result<()> {

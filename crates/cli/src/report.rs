@@ -102,11 +102,7 @@ pub fn write(dir: &Path, settings: &serde_json::Value, rows: &[Row], table: &str
         serde_json::to_string_pretty(settings)?,
         step2_tables(rows)
     );
-    potptq_model::atomic_write(&dir.join("report.md"), |w| {
-        use std::io::Write;
-        w.write_all(md.as_bytes())?;
-        Ok(())
-    })
+    potptq_model::atomic_write_bytes(&dir.join("report.md"), md.as_bytes())
 }
 
 /// Fonts tried, in order, for the plot's text (plotters draws text with a font it is given).

@@ -157,6 +157,11 @@ pub fn token_tensor(ids: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_slice(ids, (1, ids.len()), &candle_core::Device::Cpu)?)
 }
 
+/// `atomic_write` of a byte string.
+pub fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write(path, |w| Ok(std::io::Write::write_all(w, bytes)?))
+}
+
 /// Writes `path` through a temporary file in the same directory, renamed into place only when
 /// `write` succeeded: a reader never sees a half-written file.
 pub fn atomic_write(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>) -> Result<()> {
