@@ -307,7 +307,8 @@ pub fn quantize_model(
         let summary = BlockSummary { block: i, seconds: if resumed { 0.0 } else { block_start.elapsed().as_secs_f64() }, resumed, refine };
         progress(&summary, n_blocks);
         summaries.push(summary);
-        if opts.stop_after_blocks == Some(i + 1) && i + 1 < n_blocks {
+        // Only a block this run quantized stops it, so each rerun gets one block further.
+        if opts.stop_after_blocks == Some(i + 1) && !resumed && i + 1 < n_blocks {
             bail!("stopped after {} blocks, as asked (--stop-after-blocks); run again to resume", i + 1);
         }
     }

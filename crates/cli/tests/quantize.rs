@@ -84,6 +84,8 @@ fn refuses_bad_settings() {
     run(&["--group-size", "0"], "group size 0 must be a positive multiple of 8");
     run(&["--group-size", "12"], "group size 12 must be a positive multiple of 8");
     run(&["--methods", "awq"], "unknown method `awq`");
+    run(&["--methods", "pot-s1+zero"], "unknown option `+zero` in `pot-s1+zero`");
+    run(&["--methods", "rtn-int+hw"], "`+hw` weights Step 1's scale search: it applies to pot-s1, pot-s1-s2 and the PoT GPTQ methods, not rtn-int");
     run(&["--calib-segments", "200", "--methods", "gptq-int"], "too few calibration tokens");
     run(&["--methods", "pot-s1-s2", "--s2-epochs", "0"], "Step 2 needs at least one epoch");
     run(&["--methods", "pot-s1-s2", "--s2-lr=-1"], "learning rate must be positive");
@@ -137,10 +139,23 @@ fn an_interrupted_run_resumes_to_identical_checkpoints() {
     args.extend(settings);
     let mut stopping = args.clone();
     stopping.extend(["--stop-after-blocks", "1"]);
-    for _ in 0..3 {
+    // Each method (two blocks each) is interrupted once: the second run finishes the first
+    // method and stops the second, and so on.
+    for label in ["pot-s1-s2-w3", "gptq-int-w3", "pot-gptq-s2-w3"] {
         fails_with(&stopping, "stopped after 1 blocks");
-        assert!(resumed_out.join(".state").exists());
+        assert!(resumed_out.join(".state").join(label).join("block-000.safetensors").exists(), "{label}");
     }
+    // A damaged state is an error that names the file, not a panic or a silent restart.
+    let block = resumed_out.join(".state/pot-gptq-s2-w3/block-000.safetensors");
+    let saved = std::fs::read(&block).unwrap();
+    std::fs::write(&block, &saved[..saved.len() / 2]).unwrap();
+    fails_with(&args, "block-000.safetensors is corrupt");
+    std::fs::write(&block, &saved).unwrap();
+    let run_json = resumed_out.join(".state/run.json");
+    let settings_saved = std::fs::read(&run_json).unwrap();
+    std::fs::write(&run_json, b"{ not json").unwrap();
+    fails_with(&args, "run.json is corrupt (pass --force to start over)");
+    std::fs::write(&run_json, &settings_saved).unwrap();
     // Settings that differ from the saved state are refused, not mixed in.
     let mut other = args.clone();
     other.extend(["--s2-lr", "0.05"]);
