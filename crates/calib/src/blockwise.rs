@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use potptq_model::checkpoint::through_f16;
 use potptq_model::llama::{Block, Model, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
-use potptq_quant::{gptq, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
+use potptq_quant::{gptq_with_inputs, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
 
 use crate::graph::{embed_batches, BlockGraph, BlockWeights};
 use crate::methods::{Init, Method, Variant};
@@ -63,7 +63,7 @@ impl QuantizeOptions {
     }
 
     pub fn variant(&self) -> Variant {
-        Variant { method: self.method, rotate: self.rotate.is_some(), weighted_step1: self.weighted_step1 }
+        Variant { method: self.method, rotate: self.rotate.is_some(), weighted_step1: self.weighted_step1, train_weights: self.step2.weight_lr.is_some() }
     }
 
     fn uses_data(&self) -> bool {
@@ -328,6 +328,8 @@ fn quantize_block(
     let mut block = fp_block.clone();
     let (format, bits) = (opts.method.format(), opts.bits);
     let mut quantized = Vec::with_capacity(layouts.len());
+    // What GPTQ rounded each linear from (its weights plus the feedback), for Step 2 to train.
+    let mut gptq_inputs: Vec<Vec<f32>> = Vec::new();
     let staged = opts.method.init() == Init::Gptq || opts.weighted_step1;
     if staged {
         // GPTQ's sequential recipe: each stage's input taken through the stages before it,
@@ -343,7 +345,9 @@ fn quantize_block(
                     Some(moments) => quantize_pot_step1_weighted(name, &w, *layout, bits, &opts.grid, moments)?,
                     None => {
                         let gptq_opts = GptqOptions { weighted_scales: opts.weighted_step1, ..opts.gptq.clone() };
-                        gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?
+                        let (q, inputs) = gptq_with_inputs(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?;
+                        gptq_inputs.push(inputs);
+                        q
                     }
                 };
                 set_weight(&mut block, linear, &q)?;
@@ -373,23 +377,37 @@ fn quantize_block(
     let fp_out = fp_outputs(graph, &fp_weights, fp)?;
     // Codes are recomputed from the FP weights, or, after GPTQ, from its updated weights (whose
     // codes the refined scales then keep: a scale moves far less than the √2 it takes to flip one).
-    let source = if opts.method.init() == Init::Gptq { &block } else { fp_block };
-    let sources: Vec<Vec<f32>> = BLOCK_LINEARS.iter().map(|l| weight_of(source, l)).collect::<Result<_>>()?;
+    // Trained weights start from what GPTQ rounded (its codes at Γ = 0, and free to move).
+    let train_weights = opts.step2.weight_lr.is_some();
+    let sources: Vec<Vec<f32>> = if train_weights && opts.method.init() == Init::Gptq {
+        gptq_inputs
+    } else {
+        let source = if opts.method.init() == Init::Gptq { &block } else { fp_block };
+        BLOCK_LINEARS.iter().map(|l| weight_of(source, l)).collect::<Result<_>>()?
+    };
     let mut scales: Vec<LearnedScales> = quantized
         .iter()
         .zip(&sources)
         .map(|((_, q), w)| {
             let w = Tensor::from_slice(w, (q.layout.rows, q.layout.cols), &device)?;
-            LearnedScales::new(&w, &q.scales, q.layout, bits)
+            let s = LearnedScales::new(&w, &q.scales, q.layout, bits)?;
+            if train_weights {
+                s.with_trained_weights()
+            } else {
+                Ok(s)
+            }
         })
         .collect::<Result<_>>()?;
     let inputs = quantized_xs.as_ref().unwrap_or(fp);
     let report = refine_block(graph, &fp_weights, &mut scales, inputs, &fp_out, &opts.step2)?;
     let refined = quantized
         .iter()
-        .zip(&sources)
+        .zip(sources)
         .zip(&scales)
-        .map(|(((name, q), w), s)| Ok((name.clone(), quantize_pot_with_scales(name, w, q.layout, bits, &s.final_scales()?)?)))
+        .map(|(((name, q), w), s)| {
+            let w = if train_weights { s.source_weights()? } else { w };
+            Ok((name.clone(), quantize_pot_with_scales(name, &w, q.layout, bits, &s.final_scales()?)?))
+        })
         .collect::<Result<Vec<_>>>()?;
     *targets = Some(fp_out);
     Ok((refined, Some(report)))

@@ -10,5 +10,5 @@ pub mod step2;
 
 pub use blockwise::{quantize_model, BlockSummary, QuantizeOptions, QuantizedModel};
 pub use state::RunState;
-pub use step2::{Decay, Step2Input, Step2Options};
+pub use step2::{Decay, Schedule, Step2Input, Step2Options};
 pub use methods::{Method, Variant};

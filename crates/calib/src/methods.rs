@@ -128,25 +128,29 @@ impl Method {
 
 /// A method with the options that change what it produces, written `method[+option…]`:
 /// `+rot` rotates the residual stream first (`rotate.rs`), `+hw` weights Step 1's scale search
-/// (alone or inside GPTQ) by the input's second moments (GPTQ's Hessian diagonal).
+/// (alone or inside GPTQ) by the input's second moments (GPTQ's Hessian diagonal), `+tw` lets
+/// Step 2 train the weights the codes are rounded from, beside the scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub method: Method,
     pub rotate: bool,
     pub weighted_step1: bool,
+    pub train_weights: bool,
 }
 
 impl Variant {
     pub fn parse(s: &str) -> Result<Self> {
         let mut parts = s.split('+');
         let method = Method::parse(parts.next().unwrap_or_default())?;
-        let mut v = Variant { method, rotate: false, weighted_step1: false };
+        let mut v = Variant { method, rotate: false, weighted_step1: false, train_weights: false };
         for option in parts {
             match option {
                 "rot" => v.rotate = true,
                 "hw" if method.format() == Format::Pot && method.init() != Init::Rtn => v.weighted_step1 = true,
                 "hw" => bail!("`+hw` weights Step 1's scale search: it applies to pot-s1, pot-s1-s2 and the PoT GPTQ methods, not {}", method.name()),
-                other => bail!("unknown option `+{other}` in `{s}` (known: +rot, +hw)"),
+                "tw" if method.refines() => v.train_weights = true,
+                "tw" => bail!("`+tw` trains the weights in Step 2: it applies to pot-s2, pot-s1-s2 and pot-gptq-s2, not {}", method.name()),
+                other => bail!("unknown option `+{other}` in `{s}` (known: +rot, +hw, +tw)"),
             }
         }
         Ok(v)
@@ -156,6 +160,9 @@ impl Variant {
         let mut l = self.method.name().to_string();
         if self.weighted_step1 {
             l.push_str("+hw");
+        }
+        if self.train_weights {
+            l.push_str("+tw");
         }
         if self.rotate {
             l.push_str("+rot");
@@ -174,7 +181,11 @@ impl Variant {
             steps.push("rotate".to_string());
         }
         for s in self.method.steps() {
-            steps.push(if s == "step1" && self.weighted_step1 { "step1-weighted".to_string() } else { s });
+            steps.push(match s.as_str() {
+                "step1" if self.weighted_step1 => "step1-weighted".to_string(),
+                "step2" if self.train_weights => "step2-weights".to_string(),
+                _ => s,
+            });
         }
         steps
     }

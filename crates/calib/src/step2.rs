@@ -27,6 +27,32 @@ pub enum Decay {
     Decoupled,
 }
 
+/// How the learning rates change over a block's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// The same rate at every step (the method as written).
+    #[default]
+    Constant,
+    /// Half a cosine from the full rate down to zero at the block's last step, so that the
+    /// final scales and weights settle instead of ending on a full-size step.
+    Cosine,
+}
+
+impl Schedule {
+    fn is_constant(&self) -> bool {
+        *self == Schedule::Constant
+    }
+
+    /// The factor on the learning rates at `step` of `total`.
+    pub fn factor(self, step: usize, total: usize) -> f64 {
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()),
+        }
+    }
+}
+
 /// What the quantized block reads during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -46,13 +72,19 @@ pub struct Step2Options {
     pub input: Step2Input,
     /// Calibration segments per Adam step.
     pub batch: usize,
+    /// Also train the weights the codes are rounded from, with this Adam learning rate
+    /// (straight-through: `∂W̃/∂W = 1`); `None` trains the scales alone, as the method states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Schedule::is_constant")]
+    pub schedule: Schedule,
 }
 
 impl Step2Options {
     /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
     /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
     pub fn paper(bits: u8) -> Self {
-        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1 }
+        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant }
     }
 
     pub fn check(&self) -> Result<()> {
@@ -60,6 +92,9 @@ impl Step2Options {
         ensure!(self.lr.is_finite() && self.lr > 0.0, "Step 2 learning rate must be positive (got {})", self.lr);
         ensure!(self.weight_decay.is_finite() && self.weight_decay >= 0.0, "Step 2 weight decay must be ≥ 0 (got {})", self.weight_decay);
         ensure!(self.batch > 0, "Step 2 needs at least one segment per step");
+        if let Some(lr) = self.weight_lr {
+            ensure!(lr.is_finite() && lr > 0.0, "Step 2 weight learning rate must be positive (got {lr})");
+        }
         Ok(())
     }
 }
@@ -69,9 +104,8 @@ const MIN_GAMMA: f64 = -0.9;
 
 /// The learnable scales of one linear, and the weights its codes are computed from.
 pub struct LearnedScales {
-    /// `|W|` and `sign(W)` (+1 at zero), `[rows, cols]`.
-    magnitude: Tensor,
-    sign: Tensor,
+    /// The weights the codes are rounded from, `[rows, cols]`: fixed, or trained.
+    source: Source,
     /// The starting scales `s`, `[rows, groups]`.
     base: Tensor,
     gamma: Var,
@@ -79,6 +113,13 @@ pub struct LearnedScales {
     group_of_col: Tensor,
     qmax: f64,
     adam: Adam,
+}
+
+enum Source {
+    /// `|W|` and `sign(W)` (+1 at zero).
+    Fixed { magnitude: Tensor, sign: Tensor },
+    /// `W` itself, moved by its own Adam.
+    Trained { weight: Var, adam: Adam },
 }
 
 impl LearnedScales {
@@ -91,14 +132,24 @@ impl LearnedScales {
         let group_of_col: Vec<u32> = (0..layout.cols).map(|c| (c / layout.group_size) as u32).collect();
         let shape = (layout.rows, groups);
         Ok(Self {
-            magnitude: source.abs()?,
-            sign: ((source.ge(0f64)?.to_dtype(source.dtype())? * 2.0)? - 1.0)?,
+            source: Source::Fixed { magnitude: source.abs()?, sign: sign_of(source)? },
             base: Tensor::from_slice(scales, shape, device)?.to_dtype(source.dtype())?,
             gamma: Var::zeros(shape, source.dtype(), device)?,
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
             qmax: pot::qmax(bits) as f64,
             adam: Adam::new(shape, source.dtype(), device)?,
         })
+    }
+
+    /// Trains the source weights too (see `Step2Options::weight_lr`).
+    pub fn with_trained_weights(mut self) -> Result<Self> {
+        if let Source::Fixed { magnitude, sign } = &self.source {
+            let w = magnitude.mul(sign)?;
+            let (rows, cols) = w.dims2()?;
+            let adam = Adam::new((rows, cols), w.dtype(), w.device())?;
+            self.source = Source::Trained { weight: Var::from_tensor(&w)?, adam };
+        }
+        Ok(self)
     }
 
     /// `ŝ = s ⊙ (1 + Γ)`, `[rows, groups]`.
@@ -108,17 +159,39 @@ impl LearnedScales {
 
     /// `W̃ = ŝ · P·2^E`, with the codes `P·2^E` recomputed from `ŝ` and held constant in the
     /// backward pass.
+    /// With trained weights the rounding passes their gradient straight through:
+    /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
     pub fn weight(&self) -> Result<Tensor> {
         let s = self.scales()?.index_select(&self.group_of_col, 1)?;
         let levels = self.levels(&s.detach())?;
-        Ok(s.mul(&levels)?)
+        let w = s.mul(&levels)?;
+        Ok(match &self.source {
+            Source::Fixed { .. } => w,
+            Source::Trained { weight, .. } => (w + (weight.as_tensor() - weight.as_tensor().detach())?)?,
+        })
     }
 
     /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`.
     fn levels(&self, s: &Tensor) -> Result<Tensor> {
-        let e = ((self.magnitude.div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
+        let (magnitude, sign) = match &self.source {
+            Source::Fixed { magnitude, sign } => (magnitude.clone(), sign.clone()),
+            Source::Trained { weight, .. } => {
+                let w = weight.as_tensor().detach();
+                (w.abs()?, sign_of(&w)?)
+            }
+        };
+        let e = ((magnitude.div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
         // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
-        Ok((e * LN_2)?.exp()?.round()?.mul(&self.sign)?)
+        Ok((e * LN_2)?.exp()?.round()?.mul(&sign)?)
+    }
+
+    /// The weights the final codes are rounded from, row-major `[rows, cols]`.
+    pub fn source_weights(&self) -> Result<Vec<f32>> {
+        let w = match &self.source {
+            Source::Fixed { magnitude, sign } => magnitude.mul(sign)?,
+            Source::Trained { weight, .. } => weight.as_tensor().clone(),
+        };
+        Ok(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// The refined scales, row-major `[rows, groups]`.
@@ -130,7 +203,15 @@ impl LearnedScales {
         Ok(self.gamma.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    fn step(&mut self, grad: Option<&Tensor>, opts: &Step2Options) -> Result<()> {
+    /// One Adam step, with the learning rates times `rate`.
+    fn step(&mut self, grads: &candle_core::backprop::GradStore, opts: &Step2Options, rate: f64) -> Result<()> {
+        if let (Source::Trained { weight, adam }, Some(lr)) = (&mut self.source, opts.weight_lr) {
+            if let Some(g) = grads.get(weight.as_tensor()) {
+                let next = (weight.as_tensor() - adam.update(g, lr * rate)?)?;
+                weight.set(&next)?;
+            }
+        }
+        let grad = grads.get(self.gamma.as_tensor());
         let gamma = self.gamma.as_tensor();
         let mut g = match grad {
             Some(g) => g.clone(),
@@ -139,14 +220,20 @@ impl LearnedScales {
         if opts.decay == Decay::L2 && opts.weight_decay > 0.0 {
             g = (g + (gamma * opts.weight_decay)?)?;
         }
-        let mut next = (gamma - self.adam.update(&g, opts.lr)?)?;
+        let lr = opts.lr * rate;
+        let mut next = (gamma - self.adam.update(&g, lr)?)?;
         if opts.decay == Decay::Decoupled && opts.weight_decay > 0.0 {
-            next = (next - (gamma * (opts.lr * opts.weight_decay))?)?;
+            next = (next - (gamma * (lr * opts.weight_decay))?)?;
         }
         // A scale may shrink, but never to zero or below (codes need log2(|w| / ŝ)).
         self.gamma.set(&next.maximum(MIN_GAMMA)?)?;
         Ok(())
     }
+}
+
+/// `sign(W)`, +1 at zero.
+fn sign_of(w: &Tensor) -> Result<Tensor> {
+    Ok(((w.ge(0f64)?.to_dtype(w.dtype())? * 2.0)? - 1.0)?)
 }
 
 /// Adam's moment estimates for one tensor.
@@ -243,14 +330,17 @@ pub fn refine_block(
     let start = Instant::now();
     let loss_before = block_loss(graph, fp, scales, inputs, targets)?;
     let mut epoch_losses = Vec::with_capacity(opts.epochs);
+    let total_steps = opts.epochs * inputs.len();
+    let mut step = 0;
     for _ in 0..opts.epochs {
         let mut sum = 0.0;
         for (x, y) in inputs.iter().zip(targets) {
             let loss = mse(&graph.forward(&quantized_weights(fp, scales)?, x, None)?, y)?;
             let grads = loss.backward()?;
+            let rate = opts.schedule.factor(step, total_steps);
+            step += 1;
             for s in scales.iter_mut() {
-                let g = grads.get(s.gamma.as_tensor()).cloned();
-                s.step(g.as_ref(), opts)?;
+                s.step(&grads, opts, rate)?;
             }
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
@@ -368,11 +458,23 @@ mod tests {
             .collect();
         let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).unwrap()).collect();
         let mut scales = learned(block, cfg, 2, 32, DType::F32);
-        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1 };
+        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant };
         let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts).unwrap();
         assert_eq!(report.epoch_losses.len(), 30);
         assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);
         assert!(report.gamma.mean_abs > 0.0);
+
+        // Training the weights as well fits the block better still.
+        let mut trained: Vec<LearnedScales> = learned(block, cfg, 2, 32, DType::F32).into_iter().map(|s| s.with_trained_weights().unwrap()).collect();
+        let before: Vec<Vec<f32>> = trained.iter().map(|s| s.source_weights().unwrap()).collect();
+        let with_weights = Step2Options { weight_lr: Some(1e-3), ..opts.clone() };
+        let report_w = refine_block(&graph, &fp, &mut trained, &inputs, &targets, &with_weights).unwrap();
+        assert!(report_w.loss_after < report.loss_after, "{} with weights vs {} without", report_w.loss_after, report.loss_after);
+        assert!(trained.iter().zip(&before).any(|(s, b)| s.source_weights().unwrap() != *b), "the weights moved");
+
+        // The cosine schedule starts at the full rate and ends near zero.
+        assert_eq!(Schedule::Cosine.factor(0, 10), 1.0);
+        assert!(Schedule::Cosine.factor(9, 10) < 0.03 && (Schedule::Cosine.factor(5, 10) - 0.5).abs() < 1e-12);
 
         // A learning rate far too large still leaves every scale positive.
         let wild = Step2Options { lr: 5.0, epochs: 3, ..opts };

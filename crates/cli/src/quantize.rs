@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use potptq_calib::segments::{self, SegmentOptions};
-use potptq_calib::{quantize_model, BlockSummary, Decay, QuantizeOptions, RunState, Step2Input, Step2Options, Variant};
+use potptq_calib::{quantize_model, BlockSummary, Decay, QuantizeOptions, RunState, Schedule, Step2Input, Step2Options, Variant};
 use potptq_model::checkpoint::{self, QuantConfig};
 use potptq_model::corpus::{brown_split, Split};
 use potptq_model::perplexity::{perplexity, PplOptions, Scoring};
@@ -31,7 +31,7 @@ pub struct Args {
     /// PoT-GPTQ with and without Step 2), `compare` (the INT baselines against the PoT methods).
     /// Options follow a `+`: `+rot` rotates the residual stream first, `+hw` weights Step 1 by
     /// the input's second moments (e.g. `pot-gptq+rot`, `pot-s1-s2+hw+rot`).
-    #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-s1-s2")]
+    #[arg(long, value_delimiter = ',', default_value = "rtn-int,gptq-int,pot-s1-s2+hw+tw")]
     methods: Vec<String>,
     /// Weights per scale (a row's last group may be shorter).
     #[arg(long, default_value_t = 128)]
@@ -89,6 +89,12 @@ pub struct Args {
     /// Calibration segments per Step 2 step.
     #[arg(long, default_value_t = 1)]
     s2_batch: usize,
+    /// Step 2 learning-rate schedule over each block's steps.
+    #[arg(long, value_enum, default_value = "constant")]
+    s2_schedule: ScheduleArg,
+    /// Adam learning rate of the weights Step 2 trains in the `+tw` methods.
+    #[arg(long, default_value_t = DEFAULT_WEIGHT_LR)]
+    s2_weight_lr: f64,
     /// Where Step 2 runs: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -112,6 +118,12 @@ pub struct Args {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Protocol {
     Paper,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Cosine,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -140,6 +152,13 @@ const CPU_EPOCHS: (usize, usize) = (2, 8);
 /// Adam's learning rate for the CPU budget: with ~32 steps per block, the paper's 1e-3 moves a
 /// scale by at most ~3% (measured: PoTPTQ 3-bit PPL 4108 at 1e-3, 333 at 1e-2).
 const CPU_LR: f64 = 1e-2;
+/// Step 2's learning rate for trained weights (`+tw`; measured at 4 bits, pot-s1-s2+hw+tw: PPL
+/// 57.35 at 1e-4, 53.99 at 1e-3).
+const DEFAULT_WEIGHT_LR: f64 = 1e-3;
+
+fn default_weight_lr() -> f64 {
+    DEFAULT_WEIGHT_LR
+}
 const PAPER_CALIBRATION: (usize, usize) = (128, 2048);
 
 /// Named sets of methods for `--methods`.
@@ -198,6 +217,12 @@ struct Step2Settings {
     decay: Decay,
     input: Step2Input,
     batch: usize,
+    /// Absent from runs made before it existed.
+    #[serde(default)]
+    schedule: Schedule,
+    /// Of the `+tw` methods (absent from runs made before they existed).
+    #[serde(default = "default_weight_lr")]
+    weight_lr: f64,
     device: String,
 }
 
@@ -260,6 +285,11 @@ pub fn run(args: Args) -> Result<()> {
             InputArg::Fp => Step2Input::Fp,
         },
         batch: args.s2_batch,
+        schedule: match args.s2_schedule {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        },
+        weight_lr: args.s2_weight_lr,
         device: if args.device == DeviceArg::Cuda { "cuda" } else { "cpu" }.into(),
     };
     let default_epochs = |bits: u8| match args.protocol {
@@ -267,16 +297,18 @@ pub fn run(args: Args) -> Result<()> {
         None if bits <= 2 => CPU_EPOCHS.1,
         None => CPU_EPOCHS.0,
     };
-    let step2_for = |bits: u8| Step2Options {
+    let step2_for = |bits: u8, train_weights: bool| Step2Options {
         epochs: s2_settings.epochs.unwrap_or(default_epochs(bits)),
         lr: s2_settings.lr,
         weight_decay: s2_settings.weight_decay,
         decay: s2_settings.decay,
         input: s2_settings.input,
         batch: s2_settings.batch,
+        weight_lr: train_weights.then_some(s2_settings.weight_lr),
+        schedule: s2_settings.schedule,
     };
     for &bits in &args.bits {
-        step2_for(bits).check()?;
+        step2_for(bits, true).check()?;
     }
     let tokenizer = loaded.tokenizer()?;
     let text = load_text(args.text.as_deref())?;
@@ -362,7 +394,7 @@ pub fn run(args: Args) -> Result<()> {
                 grid: grid.clone(),
                 gptq: GptqOptions { damp: args.damp, block: 128, act_order: args.act_order, weighted_scales: false },
                 batch: 4,
-                step2: step2_for(bits),
+                step2: step2_for(bits, variant.train_weights),
                 device: device.clone(),
                 stop_after_blocks: args.stop_after_blocks,
             };

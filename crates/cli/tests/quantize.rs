@@ -86,6 +86,8 @@ fn refuses_bad_settings() {
     run(&["--methods", "awq"], "unknown method `awq`");
     run(&["--methods", "pot-s1+zero"], "unknown option `+zero` in `pot-s1+zero`");
     run(&["--methods", "rtn-int+hw"], "`+hw` weights Step 1's scale search: it applies to pot-s1, pot-s1-s2 and the PoT GPTQ methods, not rtn-int");
+    run(&["--methods", "pot-gptq+tw"], "`+tw` trains the weights in Step 2: it applies to pot-s2, pot-s1-s2 and pot-gptq-s2, not pot-gptq");
+    run(&["--methods", "pot-s1-s2+tw", "--s2-weight-lr", "0"], "Step 2 weight learning rate must be positive");
     run(&["--calib-segments", "200", "--methods", "gptq-int"], "too few calibration tokens");
     run(&["--methods", "pot-s1-s2", "--s2-epochs", "0"], "Step 2 needs at least one epoch");
     run(&["--methods", "pot-s1-s2", "--s2-lr=-1"], "learning rate must be positive");
@@ -126,7 +128,7 @@ fn checkpoint_files(out: &std::path::Path) -> std::collections::BTreeMap<String,
 #[test]
 fn an_interrupted_run_resumes_to_identical_checkpoints() {
     let st = setup();
-    let settings = ["--bits", "3", "--group-size", "32", "--calib-segments", "4", "--s2-epochs", "3", "--methods", "pot-s1-s2,gptq-int,pot-gptq-s2", "--json"];
+    let settings = ["--bits", "3", "--group-size", "32", "--calib-segments", "4", "--s2-epochs", "3", "--methods", "pot-s1-s2,gptq-int,pot-gptq-s2+hw+tw", "--json"];
     let mut args = base_args(&st);
     args.extend(settings);
     let whole = last_json(&potptq(&args));
@@ -141,12 +143,12 @@ fn an_interrupted_run_resumes_to_identical_checkpoints() {
     stopping.extend(["--stop-after-blocks", "1"]);
     // Each method (two blocks each) is interrupted once: the second run finishes the first
     // method and stops the second, and so on.
-    for label in ["pot-s1-s2-w3", "gptq-int-w3", "pot-gptq-s2-w3"] {
+    for label in ["pot-s1-s2-w3", "gptq-int-w3", "pot-gptq-s2+hw+tw-w3"] {
         fails_with(&stopping, "stopped after 1 blocks");
         assert!(resumed_out.join(".state").join(label).join("block-000.safetensors").exists(), "{label}");
     }
     // A damaged state is an error that names the file, not a panic or a silent restart.
-    let block = resumed_out.join(".state/pot-gptq-s2-w3/block-000.safetensors");
+    let block = resumed_out.join(".state/pot-gptq-s2+hw+tw-w3/block-000.safetensors");
     let saved = std::fs::read(&block).unwrap();
     std::fs::write(&block, &saved[..saved.len() / 2]).unwrap();
     fails_with(&args, "block-000.safetensors is corrupt");

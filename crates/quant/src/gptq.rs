@@ -140,6 +140,23 @@ pub fn gptq(
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<QTensor> {
+    Ok(gptq_with_inputs(name, w, layout, hessian, format, bits, grid, opts)?.0)
+}
+
+/// `gptq`, also returning the weights each column was rounded from (the original weights plus
+/// the error feedback they received), row-major in the original column order: rounding them
+/// with the returned scales gives the returned codes.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_with_inputs(
+    name: &str,
+    w: &[f32],
+    layout: GroupLayout,
+    hessian: &Hessian,
+    format: Format,
+    bits: u8,
+    grid: &Grid,
+    opts: &GptqOptions,
+) -> Result<(QTensor, Vec<f32>)> {
     let mut p = Problem::new(name, w, layout, hessian, format, bits, grid, opts)?;
     let (rows, cols, gpr) = (layout.rows, layout.cols, layout.groups_per_row());
     let blocks = column_blocks(cols, layout.group_size, opts.block, opts.act_order);
@@ -179,7 +196,8 @@ pub fn gptq(
             matmul(target, Accum::Add, errors, factor, -1.0f32, Par::rayon(0));
         }
     }
-    Ok(p.finish(codes))
+    let inputs = p.unpermuted_weights();
+    Ok((p.finish(codes), inputs))
 }
 
 /// A row-major view with a row stride. Not faer's `from_row_major_slice_with_stride_mut`:
@@ -349,6 +367,18 @@ impl<'g> Problem<'g> {
         Ok(Self { layout, format, bits, order, w, u, params, column_weights, _grid: std::marker::PhantomData })
     }
 
+    /// The weights as updated in place, in the original column order.
+    fn unpermuted_weights(&self) -> Vec<f32> {
+        let cols = self.layout.cols;
+        let mut original = vec![0f32; self.w.len()];
+        original.par_chunks_mut(cols).zip(self.w.par_chunks(cols)).for_each(|(out, row)| {
+            for (i, &c) in self.order.iter().enumerate() {
+                out[c] = row[i];
+            }
+        });
+        original
+    }
+
     /// Codes back in the original column order, with the group parameters.
     fn finish(self, codes: Vec<u8>) -> QTensor {
         let cols = self.layout.cols;
@@ -499,6 +529,23 @@ mod tests {
                 let eg = output_error(&w, &g.dequantize(), &x, rows, cols);
                 assert!(eg < 0.5 * er, "{format:?} {bits} act_order={act_order}: GPTQ {eg} vs baseline {er}");
             }
+        }
+    }
+
+    /// Rounding the returned inputs with the returned scales gives GPTQ's codes, in any order.
+    #[test]
+    fn returned_inputs_round_to_the_codes() {
+        let (rows, cols, tokens) = (12, 160, 300);
+        let w = random_weights(rows * cols, 5);
+        let x = correlated_inputs(tokens, cols, 6);
+        let h = hessian_of(&x, cols);
+        let layout = GroupLayout::new(rows, cols, 64).unwrap();
+        for act_order in [false, true] {
+            let opts = GptqOptions { act_order, block: 64, ..Default::default() };
+            let (q, inputs) = gptq_with_inputs("w", &w, layout, &h, Format::Pot, 3, &Grid::default(), &opts).unwrap();
+            assert_ne!(inputs, w, "the feedback moved the weights");
+            let again = crate::qtensor::quantize_pot_with_scales("w", &inputs, layout, 3, &q.scales).unwrap();
+            assert_eq!(again.codes, q.codes, "act_order={act_order}");
         }
     }
 

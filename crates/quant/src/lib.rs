@@ -10,6 +10,6 @@ pub mod qtensor;
 mod quantizer;
 pub mod step1;
 
-pub use gptq::{gptq, GptqOptions, Hessian};
+pub use gptq::{gptq, gptq_with_inputs, GptqOptions, Hessian};
 pub use qtensor::{check_bits, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, Format, GroupLayout, QTensor};
 pub use step1::Grid;
