@@ -14,8 +14,11 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+pub mod q8;
 pub mod reference;
 
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Result};
@@ -83,17 +86,55 @@ impl PotDecode {
     }
 }
 
-/// A choice of kernels; `Kernel::default()` is the fastest available.
+/// What a packed product multiplies the weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// The f32 activations as they are: the product of the weights as the quantizer defines
+    /// them (the default; `eval` numbers are exact up to f32 summation).
+    #[default]
+    F32,
+    /// Activations rounded to 8-bit integers per block of 32 (`q8`), integer products: faster,
+    /// and a different (slightly less exact) model.
+    Q8,
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Q8 => "q8",
+        }
+    }
+}
+
+static DEFAULT_ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
+
+/// The activations `Kernel::default()` uses from now on in this process (e.g. `--kernels q8`).
+pub fn set_default_activations(a: Activations) {
+    DEFAULT_ACTIVATIONS.store(a as u8, Ordering::Relaxed);
+}
+
+pub fn default_activations() -> Activations {
+    if DEFAULT_ACTIVATIONS.load(Ordering::Relaxed) == Activations::Q8 as u8 {
+        Activations::Q8
+    } else {
+        Activations::F32
+    }
+}
+
+/// A choice of kernels; `Kernel::default()` is the fastest available, with the process's
+/// default activations (`set_default_activations`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernel {
     pub isa: Isa,
     /// `None`: `PotDecode::chosen(bits)`.
     pub pot_decode: Option<PotDecode>,
+    pub activations: Activations,
 }
 
 impl Default for Kernel {
     fn default() -> Self {
-        Kernel { isa: Isa::best(), pot_decode: None }
+        Kernel { isa: Isa::best(), pot_decode: None, activations: default_activations() }
     }
 }
 
@@ -133,7 +174,7 @@ pub fn matmul_f16(isa: Isa, w: &[u16], rows: usize, cols: usize, x: &[f32], toke
 
 /// Rows `first_row..` of `m` as f32, as many as fill `out`.
 pub(crate) fn decode_rows(m: &PackedMatrix, first_row: usize, out: &mut [f32]) {
-    let rows = PackedRows::new(m, Kernel::default()).expect("the best ISA is available");
+    let rows = PackedRows::new(m, Kernel { activations: Activations::F32, ..Kernel::default() }).expect("the best ISA is available");
     out.par_chunks_mut(m.cols()).enumerate().for_each(|(i, row)| rows.decode(first_row + i, row));
 }
 
@@ -151,19 +192,31 @@ fn check_isa(isa: Isa) -> Result<()> {
     Ok(())
 }
 
+/// Work shared by every row for one token.
+enum Prepared {
+    None,
+    /// INT with f32 activations: the group sums of `x`.
+    XSums(Vec<f32>),
+    /// Q8 activations.
+    Q8(q8::Q8Activations),
+}
+
 /// A weight matrix bound to its row kernels: all the threading below needs.
 trait Rows: Sync {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
-    /// Work shared by every row for one token (INT: the group sums of `x`).
-    fn prepare(&self, _x: &[f32]) -> Vec<f32> {
-        Vec::new()
+    fn prepare(&self, _x: &[f32]) -> Prepared {
+        Prepared::None
     }
-    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32;
+    fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32;
     fn decode(&self, r: usize, out: &mut [f32]);
     /// The rows themselves when they are f32 already (GEMM then reads them in place).
     fn as_f32(&self) -> Option<&[f32]> {
         None
+    }
+    /// The activations a GEMM multiplies with (Q8: rounded as the GEMV rounds them).
+    fn gemm_input<'x>(&self, x: &'x [f32]) -> Cow<'x, [f32]> {
+        Cow::Borrowed(x)
     }
 }
 
@@ -171,16 +224,27 @@ struct PackedRows<'a> {
     m: &'a PackedMatrix,
     simd: bool,
     decode: PotDecode,
+    activations: Activations,
+    /// The AVX2 Q8 kernels cover `m` (else Q8 goes the scalar way).
+    simd_q8: bool,
 }
 
 impl<'a> PackedRows<'a> {
     fn new(m: &'a PackedMatrix, kernel: Kernel) -> Result<Self> {
         check_isa(kernel.isa)?;
         #[cfg(target_arch = "x86_64")]
-        let simd = kernel.isa == Isa::Avx2 && avx2::supports(m);
+        let (simd, simd_q8) = (kernel.isa == Isa::Avx2 && avx2::supports(m), kernel.isa == Isa::Avx2 && avx2::supports_q8(m));
         #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())) })
+        let (simd, simd_q8) = (false, false);
+        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())), activations: kernel.activations, simd_q8 })
+    }
+
+    fn q8_order(&self) -> q8::Order {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd_q8 {
+            return avx2::q8_order(self.m.bits());
+        }
+        q8::Order::Natural
     }
 }
 
@@ -191,22 +255,45 @@ impl Rows for PackedRows<'_> {
     fn cols(&self) -> usize {
         self.m.cols()
     }
-    fn prepare(&self, x: &[f32]) -> Vec<f32> {
+    fn prepare(&self, x: &[f32]) -> Prepared {
+        if self.activations == Activations::Q8 {
+            return Prepared::Q8(q8::Q8Activations::new(x, self.m.layout(), self.q8_order(), self.simd_q8));
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd && self.m.format() != Format::Pot {
-            return avx2::int_x_sums(self.m, x);
+            return Prepared::XSums(avx2::int_x_sums(self.m, x));
         }
         let _ = x;
-        Vec::new()
+        Prepared::None
     }
-    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32 {
+        if let Prepared::Q8(a) = prepared {
+            #[cfg(target_arch = "x86_64")]
+            if self.simd_q8 {
+                // SAFETY: `simd_q8` is set only when the CPU has the features and the Q8
+                // kernels cover m; `a` was made in `q8_order()`.
+                return unsafe { avx2::dot_packed_q8(self.m, r, a) };
+            }
+            return q8::dot_scalar(self.m, r, a);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
+            let sums: &[f32] = if let Prepared::XSums(s) = prepared { s } else { &[] };
             // SAFETY: `simd` is set only when the CPU has the features and the kernels cover m.
-            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, prepared) };
+            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, sums) };
         }
-        let _ = prepared;
         portable::dot_packed(self.m, r, x)
+    }
+    fn gemm_input<'x>(&self, x: &'x [f32]) -> Cow<'x, [f32]> {
+        if self.activations == Activations::F32 {
+            return Cow::Borrowed(x);
+        }
+        let mut out = vec![0f32; x.len()];
+        let cols = self.m.cols();
+        out.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(|(o, t)| q8::Q8Activations::dequantize_into(t, self.m.layout(), o));
+        Cow::Owned(out)
     }
     fn decode(&self, r: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -232,7 +319,7 @@ impl Rows for F32Rows<'_> {
     fn cols(&self) -> usize {
         self.cols
     }
-    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx2 {
@@ -263,7 +350,7 @@ impl Rows for F16Rows<'_> {
     fn cols(&self) -> usize {
         self.cols
     }
-    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx2 {
@@ -303,7 +390,7 @@ const TASK_WEIGHTS: usize = 32 * 1024;
 
 fn gemv(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
     let (n, cols) = (rows.rows(), rows.cols());
-    let prepared: Vec<Vec<f32>> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
+    let prepared: Vec<Prepared> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
     let per_task = (TASK_WEIGHTS / cols).max(1);
     let out = SharedOut(y.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
@@ -325,6 +412,8 @@ fn panel_rows(cols: usize) -> usize {
 
 fn gemm(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
     let (n, cols) = (rows.rows(), rows.cols());
+    let x = rows.gemm_input(x);
+    let x: &[f32] = &x;
     let panel = panel_rows(cols);
     let out = SharedOut(y.as_mut_ptr());
     (0..n.div_ceil(panel)).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, p| {
