@@ -492,12 +492,13 @@ unsafe fn table16(t: [i8; 16]) -> __m256i {
     _mm256_broadcastsi128_si256(v)
 }
 
-/// `Σ w·q` of one PoT block as 8 i32 partial sums (2 and 3 bits: `Σ (w + o)·q`, see
-/// `dot_q8_pot`).
+/// `Σ w·q` of one block as 8 i32 partial sums: INT `Σ code·q`; PoT at 2 and 3 bits
+/// `Σ (w + o)·q`, at 4 bits `Σ 2^E·(±q)` (see `dot_q8_rows`).
 #[inline(always)]
-unsafe fn q8_pot_block<const B: usize>(codes: __m256i, q: *const i8, t1: __m256i, t2: __m256i) -> __m256i {
-    let xq = _mm256_loadu_si256(q as *const __m256i);
-    let pairs = if B == 4 {
+unsafe fn q8_block<const B: usize, const INT: bool>(codes: __m256i, xq: __m256i, t1: __m256i, t2: __m256i) -> __m256i {
+    let pairs = if INT {
+        _mm256_maddubs_epi16(codes, xq)
+    } else if B == 4 {
         let signed = _mm256_sign_epi8(xq, _mm256_shuffle_epi8(t2, codes));
         _mm256_maddubs_epi16(_mm256_shuffle_epi8(t1, codes), signed)
     } else {
@@ -517,19 +518,23 @@ fn q8_tail(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
     a.d[start / BLOCK] * m.scales()[r * l.groups_per_row() + start / l.group_size] * dot as f32
 }
 
-/// `Σ_c W[r, c]·x[c]` of a PoT row against Q8 activations (`supports_q8(m)`).
+/// `Σ_c W[r, c]·x[c]` for the `R` rows from `r0` against Q8 activations (`supports_q8(m)`),
+/// into `out[..R]`: each block's activations are loaded once for all `R` rows, and the `R`
+/// independent sums hide the latency of the scaling FMAs.
 ///
-/// At 2 and 3 bits the table holds `w + o` (`o` = 2 or 8, the top level), which is unsigned:
-/// `maddubs` takes it as is, and `Σ (w + o)·q − o·Σ q` is `Σ w·q`, the second sum coming from
-/// the activations' group sums once per group. At 4 bits `w + 128` would not fit a byte: the
-/// table gives `2^E` and the sign goes onto the activation.
+/// PoT at 2 and 3 bits: the table holds `w + o` (`o` = 2 or 8, the top level), which is
+/// unsigned, so `maddubs` takes it as is, and `Σ (w + o)·q − o·Σ q` is `Σ w·q`, the second sum
+/// coming from the activations' group sums once per group. At 4 bits `w + 128` would not fit a
+/// byte: the table gives `2^E` and the sign goes onto the activation. INT: `Σ code·q`, and the
+/// zero-point term `−s·z·Σ q` from the same group sums.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_pot<const B: usize>(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
+unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
     let l = m.layout();
     let gpr = l.groups_per_row();
-    let scales = &m.scales()[r * gpr..(r + 1) * gpr];
-    let (row, full) = (m.row_ptr(r), l.cols / BLOCK);
-    let per_group = l.group_size / BLOCK;
+    let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
+    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
+    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
     let (t1, t2) = match B {
         2 => (table16([3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0]), _mm256_setzero_si256()),
         3 => (table16([9, 10, 12, 16, 7, 6, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]), _mm256_setzero_si256()),
@@ -538,91 +543,64 @@ unsafe fn dot_q8_pot<const B: usize>(m: &PackedMatrix, r: usize, a: &Q8Activatio
             table16([1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1]),
         ),
     };
-    let offset = match B {
-        2 => 2.0,
-        3 => 8.0,
+    let level_offset = match (INT, B) {
+        (false, 2) => 2.0,
+        (false, 3) => 8.0,
         _ => 0.0,
     };
     let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
-    let mut acc = _mm256_setzero_ps();
-    let mut offset_sum = 0f32;
-    for (g, &s) in scales.iter().enumerate() {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut scalar = [0f32; R];
+    for g in 0..gpr {
         let (b0, b1) = (g * per_group, ((g + 1) * per_group).min(full));
-        let mut sums = [_mm256_setzero_ps(); 2];
-        let mut b = b0;
-        while b + 2 <= b1 {
-            for (k, sum) in sums.iter_mut().enumerate() {
-                let bk = b + k;
-                let codes = q8_codes::<B>(row.add(bk * 4 * B));
-                let p = q8_pot_block::<B>(codes, qp.add(bk * BLOCK), t1, t2);
-                *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&*dp.add(bk)), *sum);
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in b0..b1 {
+            let xq = _mm256_loadu_si256(qp.add(b * BLOCK) as *const __m256i);
+            let d = _mm256_broadcast_ss(&*dp.add(b));
+            for i in 0..R {
+                let codes = q8_codes::<B>(rows[i].add(b * 4 * B));
+                let p = q8_block::<B, INT>(codes, xq, t1, t2);
+                sums[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, sums[i]);
             }
-            b += 2;
         }
-        if b < b1 {
-            let codes = q8_codes::<B>(row.add(b * 4 * B));
-            let p = q8_pot_block::<B>(codes, qp.add(b * BLOCK), t1, t2);
-            sums[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&*dp.add(b)), sums[0]);
-        }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_set1_ps(s), acc);
-        if B != 4 {
-            offset_sum += s * a.group_sums[g];
+        let group_sum = a.group_sums[g];
+        for i in 0..R {
+            let s = scales[i * gpr + g];
+            acc[i] = _mm256_fmadd_ps(sums[i], _mm256_set1_ps(s), acc[i]);
+            scalar[i] += if INT { offsets[i * gpr + g] * group_sum } else { -level_offset * s * group_sum };
         }
     }
-    hsum(acc) - offset * offset_sum + q8_tail(m, r, a)
-}
-
-/// `Σ (code)·q` of INT block `b` as 8 f32 partial sums.
-#[inline(always)]
-unsafe fn q8_int_block<const B: usize>(row: *const u8, qp: *const i8, b: usize, ones: __m256i) -> __m256 {
-    let codes = q8_codes::<B>(row.add(b * 4 * B));
-    let xq = _mm256_loadu_si256(qp.add(b * BLOCK) as *const __m256i);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), ones))
-}
-
-/// `Σ_c W[r, c]·x[c]` of an INT row against Q8 activations (`supports_q8(m)`).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_int<const B: usize>(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
-    let l = m.layout();
-    let gpr = l.groups_per_row();
-    let scales = &m.scales()[r * gpr..(r + 1) * gpr];
-    let offsets = &m.offsets()[r * gpr..(r + 1) * gpr];
-    let (row, full) = (m.row_ptr(r), l.cols / BLOCK);
-    let per_group = l.group_size / BLOCK;
-    let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut offset_sum = 0f32;
-    for (g, &s) in scales.iter().enumerate() {
-        let (b0, b1) = (g * per_group, ((g + 1) * per_group).min(full));
-        let mut sums = [_mm256_setzero_ps(); 2];
-        let mut b = b0;
-        while b + 2 <= b1 {
-            sums[0] = _mm256_fmadd_ps(q8_int_block::<B>(row, qp, b, ones), _mm256_broadcast_ss(&*dp.add(b)), sums[0]);
-            sums[1] = _mm256_fmadd_ps(q8_int_block::<B>(row, qp, b + 1, ones), _mm256_broadcast_ss(&*dp.add(b + 1)), sums[1]);
-            b += 2;
-        }
-        if b < b1 {
-            sums[0] = _mm256_fmadd_ps(q8_int_block::<B>(row, qp, b, ones), _mm256_broadcast_ss(&*dp.add(b)), sums[0]);
-        }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_set1_ps(s), acc);
-        offset_sum += offsets[g] * a.group_sums[g];
+    // A short last block (INT zero-point included) is done in integers by `q8_tail`.
+    for i in 0..R {
+        out[i] = hsum(acc[i]) + scalar[i] + q8_tail(m, r0 + i, a);
     }
-    // A short last block, zero-point included, is in `q8_tail` (integer `q − z`).
-    hsum(acc) + offset_sum + q8_tail(m, r, a)
 }
 
+/// Rows `r0..r0 + out.len()` against Q8 activations, four at a time.
+///
 /// # Safety
 /// `available()` must be true and `supports_q8(m)`; `a` was made with `q8_order(m.bits())`.
-pub unsafe fn dot_packed_q8(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
+pub unsafe fn dot_packed_q8(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
     use potptq_quant::Format::*;
+    unsafe fn rows<const B: usize, const INT: bool>(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
+        let mut chunks = out.chunks_exact_mut(4);
+        let mut r = r0;
+        for c in &mut chunks {
+            dot_q8_rows::<B, 4, INT>(m, r, a, c);
+            r += 4;
+        }
+        for c in chunks.into_remainder().chunks_mut(1) {
+            dot_q8_rows::<B, 1, INT>(m, r, a, c);
+            r += 1;
+        }
+    }
     match (m.format(), m.bits()) {
-        (Pot, 2) => dot_q8_pot::<2>(m, r, a),
-        (Pot, 3) => dot_q8_pot::<3>(m, r, a),
-        (Pot, 4) => dot_q8_pot::<4>(m, r, a),
-        (IntAsym | IntSym, 2) => dot_q8_int::<2>(m, r, a),
-        (IntAsym | IntSym, 3) => dot_q8_int::<3>(m, r, a),
-        (IntAsym | IntSym, 4) => dot_q8_int::<4>(m, r, a),
+        (Pot, 2) => rows::<2, false>(m, r0, a, out),
+        (Pot, 3) => rows::<3, false>(m, r0, a, out),
+        (Pot, 4) => rows::<4, false>(m, r0, a, out),
+        (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, a, out),
+        (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, a, out),
+        (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, a, out),
         (f, b) => unreachable!("avx2 Q8 kernels do not cover {f:?} at {b} bits"),
     }
 }

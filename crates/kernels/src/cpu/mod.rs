@@ -209,6 +209,12 @@ trait Rows: Sync {
         Prepared::None
     }
     fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32;
+    /// Rows `r0..r0 + out.len()` (at most `ROWS_PER_CALL`).
+    fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.dot(r0 + i, x, prepared);
+        }
+    }
     fn decode(&self, r: usize, out: &mut [f32]);
     /// The rows themselves when they are f32 already (GEMM then reads them in place).
     fn as_f32(&self) -> Option<&[f32]> {
@@ -268,13 +274,10 @@ impl Rows for PackedRows<'_> {
     }
     fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32 {
         if let Prepared::Q8(a) = prepared {
-            #[cfg(target_arch = "x86_64")]
-            if self.simd_q8 {
-                // SAFETY: `simd_q8` is set only when the CPU has the features and the Q8
-                // kernels cover m; `a` was made in `q8_order()`.
-                return unsafe { avx2::dot_packed_q8(self.m, r, a) };
-            }
-            return q8::dot_scalar(self.m, r, a);
+            let mut out = [0f32];
+            self.dot_rows(r, x, prepared, &mut out);
+            let _ = a;
+            return out[0];
         }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
@@ -283,6 +286,26 @@ impl Rows for PackedRows<'_> {
             return unsafe { avx2::dot_packed(self.m, self.decode, r, x, sums) };
         }
         portable::dot_packed(self.m, r, x)
+    }
+    fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
+        match prepared {
+            Prepared::Q8(a) => {
+                #[cfg(target_arch = "x86_64")]
+                if self.simd_q8 {
+                    // SAFETY: `simd_q8` is set only when the CPU has the features and the Q8
+                    // kernels cover m; `a` was made in `q8_order()`; the rows exist.
+                    return unsafe { avx2::dot_packed_q8(self.m, r0, a, out) };
+                }
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = q8::dot_scalar(self.m, r0 + i, a);
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.dot(r0 + i, x, prepared);
+                }
+            }
+        }
     }
     fn gemm_input<'x>(&self, x: &'x [f32]) -> Cow<'x, [f32]> {
         if self.activations == Activations::F32 {
@@ -385,21 +408,29 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// Rows a GEMV asks of its row kernels at once (the Q8 kernels share activation loads).
+const ROWS_PER_CALL: usize = 4;
+
 /// Weights per GEMV task: enough to amortize rayon's scheduling, small enough to balance.
 const TASK_WEIGHTS: usize = 32 * 1024;
 
 fn gemv(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
     let (n, cols) = (rows.rows(), rows.cols());
     let prepared: Vec<Prepared> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
-    let per_task = (TASK_WEIGHTS / cols).max(1);
+    let per_task = (TASK_WEIGHTS / cols).max(1).next_multiple_of(ROWS_PER_CALL);
     let out = SharedOut(y.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = out;
-        for r in task * per_task..((task + 1) * per_task).min(n) {
+        let (first, end) = (task * per_task, ((task + 1) * per_task).min(n));
+        let mut buf = [0f32; ROWS_PER_CALL];
+        for r in (first..end).step_by(ROWS_PER_CALL) {
+            let k = ROWS_PER_CALL.min(end - r);
             for (t, prep) in prepared.iter().enumerate() {
-                let v = rows.dot(r, &x[t * cols..(t + 1) * cols], prep);
-                // SAFETY: row r belongs to this task only; t·n + r < tokens·n = y.len().
-                unsafe { *out.0.add(t * n + r) = v };
+                rows.dot_rows(r, &x[t * cols..(t + 1) * cols], prep, &mut buf[..k]);
+                for (i, &v) in buf[..k].iter().enumerate() {
+                    // SAFETY: rows r..r + k belong to this task only; t·n + r + i < y.len().
+                    unsafe { *out.0.add(t * n + r + i) = v };
+                }
             }
         }
     });
