@@ -35,12 +35,17 @@ pub struct Args {
     /// Windows per forward pass (default: as many as make about 2048 tokens).
     #[arg(long)]
     batch: Option<usize>,
+    /// Activations of the packed products: f32 (exact, the default) or q8 (int8 per block of
+    /// 32, integer products).
+    #[arg(long, value_enum, default_value = "f32")]
+    kernels: crate::generate::KernelsArg,
     /// Print the figures as one JSON object on the last line.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.kernels.apply();
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let text = load_text(args.text.as_deref())?;
@@ -66,6 +71,7 @@ pub fn run(args: Args) -> Result<()> {
     println!("text           {} ({} bytes, sha256 {}, {} tokens)", text.name, text.content.len(), text.sha256(), tokens.len());
     println!("seq_len        {}  scoring {:?}  windows {}", r.seq_len, r.scoring, r.windows);
     println!("tokens scored  {}", r.tokens_scored);
+    println!("kernels        {} activations", args.kernels.name());
     println!("perplexity     {:.4}", r.ppl);
     println!("speed          {:.1} tokens/s ({:.1} s)", r.tokens_per_s, r.seconds);
     if args.json {
@@ -78,6 +84,7 @@ pub fn run(args: Args) -> Result<()> {
             "scoring": r.scoring,
             "windows": r.windows,
             "tokens_scored": r.tokens_scored,
+            "kernels": args.kernels.name(),
             "ppl": r.ppl,
             "nll_sum": r.nll_sum,
             "seconds": r.seconds,

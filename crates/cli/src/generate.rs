@@ -24,15 +24,46 @@ pub struct Args {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Activations of the packed products: f32 (exact) or q8 (int8 per block of 32, integer
+    /// products: faster, slightly different numbers).
+    #[arg(long, value_enum, default_value = "f32")]
+    kernels: KernelsArg,
     /// Print the text and figures as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// `--kernels`: what packed products multiply the weights with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelsArg {
+    /// f32 activations: the model as quantized.
+    F32,
+    /// Activations rounded to int8 per block of 32; integer products.
+    Q8,
+}
+
+impl KernelsArg {
+    /// Makes every packed product of this process use these activations.
+    pub fn apply(self) {
+        potptq_kernels::set_default_activations(match self {
+            KernelsArg::F32 => potptq_kernels::Activations::F32,
+            KernelsArg::Q8 => potptq_kernels::Activations::Q8,
+        });
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelsArg::F32 => "f32",
+            KernelsArg::Q8 => "q8",
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() {
         bail!("the prompt is empty");
     }
+    args.kernels.apply();
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let tokenizer = loaded.tokenizer()?;
@@ -81,6 +112,7 @@ pub fn run(args: Args) -> Result<()> {
             "generated_tokens": stats.generated_tokens,
             "prefill_seconds": stats.prefill_seconds,
             "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "kernels": args.kernels.name(),
             "resident_bytes": resident.map(|r| r.bytes),
             "peak_resident_bytes": resident.map(|r| r.peak_bytes),
         }));

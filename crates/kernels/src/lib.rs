@@ -8,5 +8,5 @@
 pub mod cpu;
 mod matrix;
 
-pub use cpu::{matmul, matmul_f16, matmul_f32, matmul_with, Isa, Kernel, PotDecode};
+pub use cpu::{matmul, matmul_f16, matmul_f32, matmul_with, set_default_activations, Activations, Isa, Kernel, PotDecode};
 pub use matrix::PackedMatrix;

@@ -5,7 +5,7 @@
 
 use half::f16;
 use potptq_kernels::cpu::reference;
-use potptq_kernels::{matmul_f16, matmul_f32, matmul_with, Isa, Kernel, PackedMatrix, PotDecode};
+use potptq_kernels::{matmul_f16, matmul_f32, matmul_with, Activations, Isa, Kernel, PackedMatrix, PotDecode};
 use potptq_quant::{quantize_rtn, Format, GroupLayout};
 use rand::{Rng, SeedableRng};
 
@@ -23,7 +23,11 @@ fn isas() -> Vec<Isa> {
 
 /// `(rows, cols, group)`: ragged last groups (576 = 4.5 × 128, 100 = 3 × 32 + 4), a group
 /// wider than the row, widths that are not a multiple of 8 or of 32.
-const SHAPES: [(usize, usize, usize); 9] = [
+const SHAPES: [(usize, usize, usize); 13] = [
+    (3, 160, 32),
+    (10, 264, 96),
+    (6, 4000, 256),
+    (5, 200, 64),
     (7, 576, 128),
     (13, 100, 32),
     (3, 72, 256),
@@ -42,10 +46,18 @@ fn check(m: &PackedMatrix, what: &str) {
         for isa in isas() {
             for decode in [PotDecode::Lut, PotDecode::BitAdd] {
                 let mut y = vec![f32::NAN; tokens * m.rows()];
-                matmul_with(Kernel { isa, pot_decode: Some(decode) }, m, &x, tokens, &mut y).unwrap();
+                matmul_with(Kernel { isa, pot_decode: Some(decode), activations: Activations::F32 }, m, &x, tokens, &mut y).unwrap();
                 let err = want.max_relative_error(&y);
                 assert!(err <= TOLERANCE, "{what} batch {tokens} {isa:?} {decode:?}: relative error {err:e}");
             }
+        }
+        // Q8 activations: their own reference (the same rounding of x, integer products).
+        let want = reference::matmul_packed_q8(m, &x, tokens);
+        for isa in isas() {
+            let mut y = vec![f32::NAN; tokens * m.rows()];
+            matmul_with(Kernel { isa, pot_decode: None, activations: Activations::Q8 }, m, &x, tokens, &mut y).unwrap();
+            let err = want.max_relative_error(&y);
+            assert!(err <= TOLERANCE, "{what} batch {tokens} {isa:?} Q8: relative error {err:e}");
         }
     }
 }

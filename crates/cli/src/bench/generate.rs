@@ -30,6 +30,9 @@ pub struct GenerateArgs {
     /// Runs per model; the median decode speed is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Activations of the packed models' products, each measured: f32 (exact) and/or q8.
+    #[arg(long, value_delimiter = ',', default_value = "f32,q8")]
+    kernels: Vec<crate::generate::KernelsArg>,
     /// Keep the checkpoints in this directory (default: a temporary one, removed after).
     #[arg(long)]
     keep: Option<PathBuf>,
@@ -58,12 +61,12 @@ fn make_checkpoint(fp: &potptq_model::LoadedModel, method: Method, bits: u8, gro
 }
 
 /// One `potptq generate --json` run: its last line.
-fn generate_once(model: &Path, args: &GenerateArgs) -> Result<Value> {
+fn generate_once(model: &Path, kernels: crate::generate::KernelsArg, args: &GenerateArgs) -> Result<Value> {
     let exe = std::env::current_exe().context("cannot find the potptq executable")?;
     let out = Command::new(exe)
         .args(["generate", "--model"])
         .arg(model)
-        .args(["--prompt", &args.prompt, "--max-tokens", &args.max_tokens.to_string(), "--json"])
+        .args(["--prompt", &args.prompt, "--max-tokens", &args.max_tokens.to_string(), "--kernels", kernels.name(), "--json"])
         .output()
         .context("cannot run potptq generate")?;
     if !out.status.success() {
@@ -99,36 +102,50 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             temp.0.clone()
         }
     };
-    let mut models = vec![("fp32".to_string(), None, path.clone())];
+    if args.kernels.is_empty() {
+        bail!("--kernels needs at least one of f32, q8");
+    }
+    use crate::generate::KernelsArg;
+    // The FP model has no packed products: its kernels setting changes nothing.
+    let mut models = vec![("fp32".to_string(), None, path.clone(), KernelsArg::F32)];
     for &bits in &args.bits {
         for method in METHODS {
             let dir = root.join(format!("{}-w{bits}-g{}", method.name(), args.group_size));
             eprintln!("quantizing {} at {bits} bits → {}", method.name(), dir.display());
             make_checkpoint(&fp, method, bits, args.group_size, &dir)?;
-            models.push((method.name().to_string(), Some(bits), dir));
+            for &k in &args.kernels {
+                models.push((method.name().to_string(), Some(bits), dir.clone(), k));
+            }
         }
     }
     drop(fp);
 
-    println!("decode of {} tokens after \"{}\", median of {} runs, each a fresh `potptq generate`", args.max_tokens, args.prompt, args.reps);
-    println!("{:>8} {:>5} {:>10} {:>12} {:>10} {:>12} {:>9}", "method", "bits", "file MB", "resident MB", "tokens/s", "generated", "vs fp32");
+    println!("decode of {} tokens after \"{}\", median of {} rounds over all models, each run a fresh `potptq generate`", args.max_tokens, args.prompt, args.reps);
+    println!("{:>8} {:>5} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}", "method", "bits", "kernels", "file MB", "resident MB", "tokens/s", "generated", "vs fp32");
     let mut rows = Vec::new();
     let mut fp_speed = None;
-    for (method, bits, dir) in &models {
-        let runs: Vec<Value> = (0..args.reps).map(|_| generate_once(dir, &args)).collect::<Result<_>>()?;
+    // Rounds over all models, so that every model sees the same changes in machine load.
+    let mut all_runs: Vec<Vec<Value>> = vec![Vec::new(); models.len()];
+    for _ in 0..args.reps {
+        for ((_, _, dir, kernels), runs) in models.iter().zip(&mut all_runs) {
+            runs.push(generate_once(dir, *kernels, &args)?);
+        }
+    }
+    for ((method, bits, dir, kernels), runs) in models.iter().zip(all_runs) {
         let speed = median(runs.iter().map(|r| r["decode_tokens_per_s"].as_f64().unwrap_or(0.0)).collect());
         let resident = median(runs.iter().map(|r| r["resident_bytes"].as_f64().unwrap_or(0.0)).collect());
         let generated = runs[0]["generated_tokens"].as_u64().unwrap_or(0);
         let fp = *fp_speed.get_or_insert(speed);
         let bits_label = bits.map_or("—".to_string(), |b| b.to_string());
         println!(
-            "{method:>8} {bits_label:>5} {:>10.1} {:>12.1} {speed:>10.1} {generated:>12} {:>9.2}",
+            "{method:>8} {bits_label:>5} {:>7} {:>10.1} {:>12.1} {speed:>10.1} {generated:>12} {:>9.2}",
+            if bits.is_some() { kernels.name() } else { "—" },
             size_of(dir) as f64 / 1e6,
             resident / 1e6,
             speed / fp
         );
         rows.push(json!({
-            "method": method, "bits": bits, "file_bytes": size_of(dir), "resident_bytes": resident,
+            "method": method, "bits": bits, "kernels": bits.map(|_| kernels.name()), "file_bytes": size_of(dir), "resident_bytes": resident,
             "decode_tokens_per_s": speed, "generated_tokens": generated, "speed_over_fp32": speed / fp,
         }));
     }

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use potptq_kernels::{cpu::GEMV_MAX_TOKENS, matmul_f32, matmul_with, Isa, Kernel, PackedMatrix, PotDecode};
+use potptq_kernels::{cpu::GEMV_MAX_TOKENS, matmul_f32, matmul_with, Activations, Isa, Kernel, PackedMatrix, PotDecode};
 use potptq_quant::{quantize_rtn, Format, GroupLayout};
 use rayon::prelude::*;
 use serde_json::json;
@@ -86,13 +86,13 @@ struct Timed {
     bytes: usize,
 }
 
-fn time_packed(m: &PackedMatrix, decodes: &[Option<PotDecode>], x: &[f32], tokens: usize, args: &KernelArgs) -> Result<Vec<Timed>> {
+fn time_packed(m: &PackedMatrix, kernels: &[(Option<PotDecode>, Activations)], x: &[f32], tokens: usize, args: &KernelArgs) -> Result<Vec<Timed>> {
     let copies: Vec<PackedMatrix> = (0..copies_for(m.weight_bytes(), args.working_set_mb)).map(|_| m.clone()).collect();
     let mut y = vec![0f32; tokens * m.rows()];
-    decodes
+    kernels
         .iter()
-        .map(|&pot_decode| {
-            let kernel = Kernel { isa: Isa::best(), pot_decode };
+        .map(|&(pot_decode, activations)| {
+            let kernel = Kernel { isa: Isa::best(), pot_decode, activations };
             let seconds = time_cycling(copies.len(), args.reps, |i| matmul_with(kernel, &copies[i], x, tokens, &mut y))?;
             Ok(Timed { seconds, bytes: m.weight_bytes() })
         })
@@ -125,8 +125,9 @@ pub fn run(args: KernelArgs) -> Result<()> {
         args.working_set_mb
     );
     println!(
-        "{:>11} {:>4} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>8} {:>6} {:>7} {:>7}",
-        "shape", "bits", "batch", "f32 µs", "INT µs", "PoT µs", "lut µs", "bitadd µs", "chosen", "PoT GB/s", "%copy", "PoT/INT", "PoT/f32"
+        "{:>11} {:>4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>6} {:>7} {:>7} | {:>9} {:>9} {:>8} {:>6} {:>6} {:>7} {:>7}",
+        "shape", "bits", "batch", "f32 µs", "INT µs", "PoT µs", "lut µs", "bitadd µs", "chosen", "PoT GB/s", "%copy", "%read", "PoT/INT", "PoT/f32",
+        "INTq8 µs", "PoTq8 µs", "q8 GB/s", "%copy", "%read", "q8P/I", "q8P/f32"
     );
     let mut rows_json = Vec::new();
     for spec in &args.shapes {
@@ -136,39 +137,67 @@ pub fn run(args: KernelArgs) -> Result<()> {
         for &tokens in &args.batch {
             let x = synthetic(tokens * cols, 99).iter().map(|v| v * 30.0).collect::<Vec<_>>();
             let dense = time_f32(&w, rows, cols, &x, tokens, &args)?;
+            // A GEMM decodes its panels by lookup whatever the choice, and its Q8 form is the
+            // same product of rounded activations: only GEMV compares decodes and Q8.
+            let gemv = tokens <= GEMV_MAX_TOKENS;
             for &bits in &args.bits {
                 let pot = PackedMatrix::from_qtensor(&quantize_rtn("bench", &w, layout, Format::Pot, bits)?)?;
                 let int = PackedMatrix::from_qtensor(&quantize_rtn("bench", &w, layout, Format::IntAsym, bits)?)?;
-                let pot_t = time_packed(&pot, &[Some(PotDecode::Lut), Some(PotDecode::BitAdd)], &x, tokens, &args)?;
-                let int_t = time_packed(&int, &[None], &x, tokens, &args)?.remove(0);
+                let f = Activations::F32;
+                let pot_kernels: Vec<_> = if gemv {
+                    vec![(Some(PotDecode::Lut), f), (Some(PotDecode::BitAdd), f), (None, Activations::Q8)]
+                } else {
+                    vec![(Some(PotDecode::Lut), f)]
+                };
+                let int_kernels: Vec<_> = if gemv { vec![(None, f), (None, Activations::Q8)] } else { vec![(None, f)] };
+                let pot_t = time_packed(&pot, &pot_kernels, &x, tokens, &args)?;
+                let int_t = time_packed(&int, &int_kernels, &x, tokens, &args)?;
                 let chosen = PotDecode::chosen(bits);
-                let (lut, bitadd) = (&pot_t[0], &pot_t[1]);
-                // GEMM decodes with the table either way; the choice matters for GEMV.
-                let pot_s = if tokens > GEMV_MAX_TOKENS || chosen == PotDecode::Lut { lut.seconds } else { bitadd.seconds };
+                let lut = &pot_t[0];
+                let bitadd = pot_t.get(1);
+                let pot_s = match (chosen, bitadd) {
+                    (PotDecode::BitAdd, Some(b)) => b.seconds,
+                    _ => lut.seconds,
+                };
                 let gbs = lut.bytes as f64 / pot_s / 1e9;
-                let (vs_int, vs_f32) = (int_t.seconds / pot_s, dense.seconds / pot_s);
-                // A GEMM decodes its panels by lookup whatever the choice: only GEMV compares.
-                let gemv = tokens <= GEMV_MAX_TOKENS;
-                let show = |t: &Timed| if gemv { format!("{:.1}", t.seconds * 1e6) } else { "—".to_string() };
+                let (vs_int, vs_f32) = (int_t[0].seconds / pot_s, dense.seconds / pot_s);
+                let us = |t: Option<&Timed>| t.map_or("—".to_string(), |t| format!("{:.1}", t.seconds * 1e6));
+                let (pot_q8, int_q8) = (pot_t.get(2), int_t.get(1));
+                let q8_gbs = pot_q8.map(|t| t.bytes as f64 / t.seconds / 1e9);
+                let opt = |v: Option<f64>, pct: bool| v.map_or("—".to_string(), |v| if pct { format!("{:.0}%", 100.0 * v) } else { format!("{v:.2}") });
                 println!(
-                    "{spec:>11} {bits:>4} {tokens:>5} {:>10.1} {:>10.1} {:>10.1} {:>10} {:>10} {:>7} {gbs:>8.2} {:>5.0}% {vs_int:>7.2} {vs_f32:>7.2}",
+                    "{spec:>11} {bits:>4} {tokens:>5} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>7} {gbs:>8.2} {:>5.0}% {:>5.0}% {vs_int:>7.2} {vs_f32:>7.2} | {:>9} {:>9} {:>8} {:>6} {:>6} {:>7} {:>7}",
                     dense.seconds * 1e6,
-                    int_t.seconds * 1e6,
+                    int_t[0].seconds * 1e6,
                     pot_s * 1e6,
-                    show(lut),
-                    show(bitadd),
+                    if gemv { us(Some(lut)) } else { "—".into() },
+                    us(bitadd),
                     if gemv { chosen.name() } else { "lut" },
                     100.0 * gbs / copy_gbs,
+                    100.0 * gbs / read_gbs,
+                    us(int_q8),
+                    us(pot_q8),
+                    opt(q8_gbs, false),
+                    opt(q8_gbs.map(|g| g / copy_gbs), true),
+                    opt(q8_gbs.map(|g| g / read_gbs), true),
+                    opt(pot_q8.zip(int_q8).map(|(p, i)| i.seconds / p.seconds), false),
+                    opt(pot_q8.map(|p| dense.seconds / p.seconds), false),
                 );
                 rows_json.push(json!({
                     "shape": [rows, cols], "bits": bits, "batch": tokens,
-                    "f32_seconds": dense.seconds, "int_seconds": int_t.seconds, "pot_seconds": pot_s,
-                    "pot_lut_seconds": lut.seconds, "pot_bitadd_seconds": bitadd.seconds, "pot_decode": chosen.name(),
-                    "pot_weight_bytes": lut.bytes, "int_weight_bytes": int_t.bytes, "f32_weight_bytes": dense.bytes,
-                    "pot_weight_gbs": gbs, "int_weight_gbs": int_t.bytes as f64 / int_t.seconds / 1e9,
+                    "f32_seconds": dense.seconds, "int_seconds": int_t[0].seconds, "pot_seconds": pot_s,
+                    "pot_lut_seconds": lut.seconds, "pot_bitadd_seconds": bitadd.map(|t| t.seconds), "pot_decode": chosen.name(),
+                    "pot_weight_bytes": lut.bytes, "int_weight_bytes": int_t[0].bytes, "f32_weight_bytes": dense.bytes,
+                    "pot_weight_gbs": gbs, "int_weight_gbs": int_t[0].bytes as f64 / int_t[0].seconds / 1e9,
                     "f32_weight_gbs": dense.bytes as f64 / dense.seconds / 1e9,
-                    "pot_fraction_of_copy_bandwidth": gbs / copy_gbs,
+                    "pot_fraction_of_copy_bandwidth": gbs / copy_gbs, "pot_fraction_of_read_bandwidth": gbs / read_gbs,
                     "pot_over_int_speed": vs_int, "pot_over_f32_speed": vs_f32,
+                    "q8_pot_seconds": pot_q8.map(|t| t.seconds), "q8_int_seconds": int_q8.map(|t| t.seconds),
+                    "q8_pot_weight_gbs": q8_gbs,
+                    "q8_pot_fraction_of_copy_bandwidth": q8_gbs.map(|g| g / copy_gbs),
+                    "q8_pot_fraction_of_read_bandwidth": q8_gbs.map(|g| g / read_gbs),
+                    "q8_pot_over_int_speed": pot_q8.zip(int_q8).map(|(p, i)| i.seconds / p.seconds),
+                    "q8_pot_over_f32_speed": pot_q8.map(|p| dense.seconds / p.seconds),
                 }));
             }
         }

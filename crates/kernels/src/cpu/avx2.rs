@@ -367,3 +367,240 @@ pub unsafe fn decode_f16(w: &[u16], out: &mut [f32]) {
         *o = half::f16::from_bits(h).to_f32();
     }
 }
+
+// ---- Q8 activations (`cpu::q8`): integer products with `_mm256_maddubs_epi16` ----
+//
+// A chunk of 32 codes becomes 32 bytes, one code each, in the order `q8::Order` names (the
+// activations were stored in that order): 4 bits, one 128-bit load broadcast to both halves,
+// the high half shifted by 4 (low nibbles, then high nibbles); 2 bits, one 64-bit load
+// broadcast to four quarters shifted by 0, 2, 4, 6; 3 bits, column order: `vpshufb` gathers
+// the two bytes each code lies in into a 16-bit lane, `vpmullw` by `2^(13 − offset)` moves the
+// code to the lane's top 3 bits and a shift by 13 brings it down, two registers of 16 lanes
+// packed into one of 32 bytes.
+//
+// PoT products, 32 at a time, no saturation anywhere:
+// - 2 and 3 bits: a `vpshufb` table gives the signed level `±2^E`; `maddubs(|q|, sign(w, q))`
+//   is `Σ w·q` (|w| ≤ 8: pairs ≤ 2·127·8).
+// - 4 bits (levels up to 128, not an i8): tables give `2^E` (u8) and the code's sign, the sign
+//   goes onto the activation (`vpsignb`), `maddubs(2^E, ±q)`: pairs ≤ 2·128·127 = 32512.
+// INT: `maddubs(code, q)` (pairs ≤ 2·15·127), the zero-point through the group sums of `q`.
+// Each block's 8 partial sums (i32) are converted once and scaled by the block's `d`; each
+// group's by `s`.
+
+use crate::cpu::q8::{Order, Q8Activations, BLOCK};
+
+/// The activation order the Q8 kernels of this width read.
+pub fn q8_order(bits: u8) -> Order {
+    match bits {
+        4 => Order::Nibbles,
+        2 => Order::Crumbs,
+        _ => Order::Natural,
+    }
+}
+
+/// One block of 32 activations quantized as `q8::quantize_block` does it (`x · (1/d)` rounded
+/// to nearest even, which is what `vcvtps2dq` does in the default rounding mode), `q` in column
+/// order; returns `d`.
+///
+/// # Safety
+/// `available()`; `x` points at 32 readable values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn q8_quantize_block(x: *const f32, q: &mut [i8; BLOCK]) -> f32 {
+    let v = [_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24))];
+    let sign = _mm256_set1_ps(-0.0);
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let i = [0, 1, 2, 3].map(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+    // packs works within 128-bit halves: dwords come out in the order 0,4,1,5,2,6,3,7.
+    let w = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+    d
+}
+
+/// Whether the Q8 kernels cover the matrix: groups of whole 32-blocks, 2 to 4 bits.
+pub fn supports_q8(m: &PackedMatrix) -> bool {
+    supports(m) && m.layout().group_size % BLOCK == 0
+}
+
+/// The 32 codes of a chunk, one per byte (see above).
+#[inline(always)]
+unsafe fn q8_codes<const B: usize>(chunk: *const u8) -> __m256i {
+    match B {
+        4 => {
+            let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(chunk as *const __m128i));
+            let v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+            _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+        }
+        2 => {
+            let v = _mm256_set1_epi64x((chunk as *const i64).read_unaligned());
+            let v = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6));
+            _mm256_and_si256(v, _mm256_set1_epi8(0x03))
+        }
+        _ => {
+            // Code k at bit 3k: bytes 3k/8 and 3k/8 + 1, offset 3k % 8. Register a holds codes
+            // 0..8 (low half) and 16..24 (high half); b holds 8..16 and 24..32.
+            let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(chunk as *const __m128i));
+            let mul = _mm256_loadu_si256(Q8_3BIT_MUL.as_ptr() as *const __m256i);
+            let a = _mm256_shuffle_epi8(v, _mm256_loadu_si256(Q8_3BIT_A.as_ptr() as *const __m256i));
+            let b = _mm256_shuffle_epi8(v, _mm256_loadu_si256(Q8_3BIT_B.as_ptr() as *const __m256i));
+            let a = _mm256_srli_epi16::<13>(_mm256_mullo_epi16(a, mul));
+            let b = _mm256_srli_epi16::<13>(_mm256_mullo_epi16(b, mul));
+            _mm256_packus_epi16(a, b)
+        }
+    }
+}
+
+/// `vpshufb` control gathering, into 16-bit lane `j` of each half, the two bytes that hold code
+/// `first + j` (low half) or `second + j` (high half) of a 3-bit chunk.
+const fn q8_3bit_ctrl(first: usize, second: usize) -> [i8; 32] {
+    let mut c = [0i8; 32];
+    let mut j = 0;
+    while j < 8 {
+        let (lo, hi) = (3 * (first + j) / 8, 3 * (second + j) / 8);
+        c[2 * j] = lo as i8;
+        c[2 * j + 1] = lo as i8 + 1;
+        c[16 + 2 * j] = hi as i8;
+        c[16 + 2 * j + 1] = hi as i8 + 1;
+        j += 1;
+    }
+    c
+}
+static Q8_3BIT_A: [i8; 32] = q8_3bit_ctrl(0, 16);
+static Q8_3BIT_B: [i8; 32] = q8_3bit_ctrl(8, 24);
+/// `2^(13 − 3j % 8)`: code `j` of 8 (and of `8 + j`, `16 + j`, `24 + j`) to the top 3 bits.
+static Q8_3BIT_MUL: [i16; 16] = {
+    let mut m = [0i16; 16];
+    let mut j = 0;
+    while j < 16 {
+        m[j] = 1 << (13 - (3 * (j % 8)) % 8);
+        j += 1;
+    }
+    m
+};
+
+#[inline(always)]
+unsafe fn table16(t: [i8; 16]) -> __m256i {
+    let v = _mm_loadu_si128(t.as_ptr() as *const __m128i);
+    _mm256_broadcastsi128_si256(v)
+}
+
+/// `Σ w·q` of one block as 8 i32 partial sums: INT `Σ code·q`; PoT at 2 and 3 bits
+/// `Σ (w + o)·q`, at 4 bits `Σ 2^E·(±q)` (see `dot_q8_rows`).
+#[inline(always)]
+unsafe fn q8_block<const B: usize, const INT: bool>(codes: __m256i, xq: __m256i, t1: __m256i, t2: __m256i) -> __m256i {
+    let pairs = if INT {
+        _mm256_maddubs_epi16(codes, xq)
+    } else if B == 4 {
+        let signed = _mm256_sign_epi8(xq, _mm256_shuffle_epi8(t2, codes));
+        _mm256_maddubs_epi16(_mm256_shuffle_epi8(t1, codes), signed)
+    } else {
+        _mm256_maddubs_epi16(_mm256_shuffle_epi8(t1, codes), xq)
+    };
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
+/// The columns past the last whole 32-block of the row (at most one short block), in integers.
+fn q8_tail(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
+    let l = m.layout();
+    let start = l.cols / BLOCK * BLOCK;
+    if start == l.cols {
+        return 0.0;
+    }
+    let dot: i32 = (start..l.cols).map(|c| crate::cpu::q8::integer_weight(m, r, c) * a.q[c] as i32).sum();
+    a.d[start / BLOCK] * m.scales()[r * l.groups_per_row() + start / l.group_size] * dot as f32
+}
+
+/// `Σ_c W[r, c]·x[c]` for the `R` rows from `r0` against Q8 activations (`supports_q8(m)`),
+/// into `out[..R]`: each block's activations are loaded once for all `R` rows, and the `R`
+/// independent sums hide the latency of the scaling FMAs.
+///
+/// PoT at 2 and 3 bits: the table holds `w + o` (`o` = 2 or 8, the top level), which is
+/// unsigned, so `maddubs` takes it as is, and `Σ (w + o)·q − o·Σ q` is `Σ w·q`, the second sum
+/// coming from the activations' group sums once per group. At 4 bits `w + 128` would not fit a
+/// byte: the table gives `2^E` and the sign goes onto the activation. INT: `Σ code·q`, and the
+/// zero-point term `−s·z·Σ q` from the same group sums.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
+    let l = m.layout();
+    let gpr = l.groups_per_row();
+    let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
+    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
+    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
+    let (t1, t2) = match B {
+        2 => (table16([3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0]), _mm256_setzero_si256()),
+        3 => (table16([9, 10, 12, 16, 7, 6, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]), _mm256_setzero_si256()),
+        _ => (
+            table16([1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128]),
+            table16([1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1]),
+        ),
+    };
+    let level_offset = match (INT, B) {
+        (false, 2) => 2.0,
+        (false, 3) => 8.0,
+        _ => 0.0,
+    };
+    let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut scalar = [0f32; R];
+    for g in 0..gpr {
+        let (b0, b1) = (g * per_group, ((g + 1) * per_group).min(full));
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in b0..b1 {
+            let xq = _mm256_loadu_si256(qp.add(b * BLOCK) as *const __m256i);
+            let d = _mm256_broadcast_ss(&*dp.add(b));
+            for i in 0..R {
+                let codes = q8_codes::<B>(rows[i].add(b * 4 * B));
+                let p = q8_block::<B, INT>(codes, xq, t1, t2);
+                sums[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, sums[i]);
+            }
+        }
+        let group_sum = a.group_sums[g];
+        for i in 0..R {
+            let s = scales[i * gpr + g];
+            acc[i] = _mm256_fmadd_ps(sums[i], _mm256_set1_ps(s), acc[i]);
+            scalar[i] += if INT { offsets[i * gpr + g] * group_sum } else { -level_offset * s * group_sum };
+        }
+    }
+    // A short last block (INT zero-point included) is done in integers by `q8_tail`.
+    for i in 0..R {
+        out[i] = hsum(acc[i]) + scalar[i] + q8_tail(m, r0 + i, a);
+    }
+}
+
+/// Rows `r0..r0 + out.len()` against Q8 activations, four at a time.
+///
+/// # Safety
+/// `available()` must be true and `supports_q8(m)`; `a` was made with `q8_order(m.bits())`.
+pub unsafe fn dot_packed_q8(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
+    use potptq_quant::Format::*;
+    unsafe fn rows<const B: usize, const INT: bool>(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
+        let mut chunks = out.chunks_exact_mut(4);
+        let mut r = r0;
+        for c in &mut chunks {
+            dot_q8_rows::<B, 4, INT>(m, r, a, c);
+            r += 4;
+        }
+        for c in chunks.into_remainder().chunks_mut(1) {
+            dot_q8_rows::<B, 1, INT>(m, r, a, c);
+            r += 1;
+        }
+    }
+    match (m.format(), m.bits()) {
+        (Pot, 2) => rows::<2, false>(m, r0, a, out),
+        (Pot, 3) => rows::<3, false>(m, r0, a, out),
+        (Pot, 4) => rows::<4, false>(m, r0, a, out),
+        (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, a, out),
+        (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, a, out),
+        (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, a, out),
+        (f, b) => unreachable!("avx2 Q8 kernels do not cover {f:?} at {b} bits"),
+    }
+}

@@ -14,8 +14,11 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+pub mod q8;
 pub mod reference;
 
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Result};
@@ -83,17 +86,55 @@ impl PotDecode {
     }
 }
 
-/// A choice of kernels; `Kernel::default()` is the fastest available.
+/// What a packed product multiplies the weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// The f32 activations as they are: the product of the weights as the quantizer defines
+    /// them (the default; `eval` numbers are exact up to f32 summation).
+    #[default]
+    F32,
+    /// Activations rounded to 8-bit integers per block of 32 (`q8`), integer products: faster,
+    /// and a different (slightly less exact) model.
+    Q8,
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Q8 => "q8",
+        }
+    }
+}
+
+static DEFAULT_ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
+
+/// The activations `Kernel::default()` uses from now on in this process (e.g. `--kernels q8`).
+pub fn set_default_activations(a: Activations) {
+    DEFAULT_ACTIVATIONS.store(a as u8, Ordering::Relaxed);
+}
+
+pub fn default_activations() -> Activations {
+    if DEFAULT_ACTIVATIONS.load(Ordering::Relaxed) == Activations::Q8 as u8 {
+        Activations::Q8
+    } else {
+        Activations::F32
+    }
+}
+
+/// A choice of kernels; `Kernel::default()` is the fastest available, with the process's
+/// default activations (`set_default_activations`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernel {
     pub isa: Isa,
     /// `None`: `PotDecode::chosen(bits)`.
     pub pot_decode: Option<PotDecode>,
+    pub activations: Activations,
 }
 
 impl Default for Kernel {
     fn default() -> Self {
-        Kernel { isa: Isa::best(), pot_decode: None }
+        Kernel { isa: Isa::best(), pot_decode: None, activations: default_activations() }
     }
 }
 
@@ -133,7 +174,7 @@ pub fn matmul_f16(isa: Isa, w: &[u16], rows: usize, cols: usize, x: &[f32], toke
 
 /// Rows `first_row..` of `m` as f32, as many as fill `out`.
 pub(crate) fn decode_rows(m: &PackedMatrix, first_row: usize, out: &mut [f32]) {
-    let rows = PackedRows::new(m, Kernel::default()).expect("the best ISA is available");
+    let rows = PackedRows::new(m, Kernel { activations: Activations::F32, ..Kernel::default() }).expect("the best ISA is available");
     out.par_chunks_mut(m.cols()).enumerate().for_each(|(i, row)| rows.decode(first_row + i, row));
 }
 
@@ -151,19 +192,37 @@ fn check_isa(isa: Isa) -> Result<()> {
     Ok(())
 }
 
+/// Work shared by every row for one token.
+enum Prepared {
+    None,
+    /// INT with f32 activations: the group sums of `x`.
+    XSums(Vec<f32>),
+    /// Q8 activations.
+    Q8(q8::Q8Activations),
+}
+
 /// A weight matrix bound to its row kernels: all the threading below needs.
 trait Rows: Sync {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
-    /// Work shared by every row for one token (INT: the group sums of `x`).
-    fn prepare(&self, _x: &[f32]) -> Vec<f32> {
-        Vec::new()
+    fn prepare(&self, _x: &[f32]) -> Prepared {
+        Prepared::None
     }
-    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32;
+    fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32;
+    /// Rows `r0..r0 + out.len()` (at most `ROWS_PER_CALL`).
+    fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.dot(r0 + i, x, prepared);
+        }
+    }
     fn decode(&self, r: usize, out: &mut [f32]);
     /// The rows themselves when they are f32 already (GEMM then reads them in place).
     fn as_f32(&self) -> Option<&[f32]> {
         None
+    }
+    /// The activations a GEMM multiplies with (Q8: rounded as the GEMV rounds them).
+    fn gemm_input<'x>(&self, x: &'x [f32]) -> Cow<'x, [f32]> {
+        Cow::Borrowed(x)
     }
 }
 
@@ -171,16 +230,27 @@ struct PackedRows<'a> {
     m: &'a PackedMatrix,
     simd: bool,
     decode: PotDecode,
+    activations: Activations,
+    /// The AVX2 Q8 kernels cover `m` (else Q8 goes the scalar way).
+    simd_q8: bool,
 }
 
 impl<'a> PackedRows<'a> {
     fn new(m: &'a PackedMatrix, kernel: Kernel) -> Result<Self> {
         check_isa(kernel.isa)?;
         #[cfg(target_arch = "x86_64")]
-        let simd = kernel.isa == Isa::Avx2 && avx2::supports(m);
+        let (simd, simd_q8) = (kernel.isa == Isa::Avx2 && avx2::supports(m), kernel.isa == Isa::Avx2 && avx2::supports_q8(m));
         #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())) })
+        let (simd, simd_q8) = (false, false);
+        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())), activations: kernel.activations, simd_q8 })
+    }
+
+    fn q8_order(&self) -> q8::Order {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd_q8 {
+            return avx2::q8_order(self.m.bits());
+        }
+        q8::Order::Natural
     }
 }
 
@@ -191,22 +261,62 @@ impl Rows for PackedRows<'_> {
     fn cols(&self) -> usize {
         self.m.cols()
     }
-    fn prepare(&self, x: &[f32]) -> Vec<f32> {
+    fn prepare(&self, x: &[f32]) -> Prepared {
+        if self.activations == Activations::Q8 {
+            return Prepared::Q8(q8::Q8Activations::new(x, self.m.layout(), self.q8_order(), self.simd_q8));
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd && self.m.format() != Format::Pot {
-            return avx2::int_x_sums(self.m, x);
+            return Prepared::XSums(avx2::int_x_sums(self.m, x));
         }
         let _ = x;
-        Vec::new()
+        Prepared::None
     }
-    fn dot(&self, r: usize, x: &[f32], prepared: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32 {
+        if let Prepared::Q8(a) = prepared {
+            let mut out = [0f32];
+            self.dot_rows(r, x, prepared, &mut out);
+            let _ = a;
+            return out[0];
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
+            let sums: &[f32] = if let Prepared::XSums(s) = prepared { s } else { &[] };
             // SAFETY: `simd` is set only when the CPU has the features and the kernels cover m.
-            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, prepared) };
+            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, sums) };
         }
-        let _ = prepared;
         portable::dot_packed(self.m, r, x)
+    }
+    fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
+        match prepared {
+            Prepared::Q8(a) => {
+                #[cfg(target_arch = "x86_64")]
+                if self.simd_q8 {
+                    // SAFETY: `simd_q8` is set only when the CPU has the features and the Q8
+                    // kernels cover m; `a` was made in `q8_order()`; the rows exist.
+                    return unsafe { avx2::dot_packed_q8(self.m, r0, a, out) };
+                }
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = q8::dot_scalar(self.m, r0 + i, a);
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.dot(r0 + i, x, prepared);
+                }
+            }
+        }
+    }
+    fn gemm_input<'x>(&self, x: &'x [f32]) -> Cow<'x, [f32]> {
+        if self.activations == Activations::F32 {
+            return Cow::Borrowed(x);
+        }
+        let mut out = vec![0f32; x.len()];
+        let cols = self.m.cols();
+        out.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(|(o, t)| q8::Q8Activations::dequantize_into(t, self.m.layout(), o));
+        Cow::Owned(out)
     }
     fn decode(&self, r: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -232,7 +342,7 @@ impl Rows for F32Rows<'_> {
     fn cols(&self) -> usize {
         self.cols
     }
-    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx2 {
@@ -263,7 +373,7 @@ impl Rows for F16Rows<'_> {
     fn cols(&self) -> usize {
         self.cols
     }
-    fn dot(&self, r: usize, x: &[f32], _: &[f32]) -> f32 {
+    fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx2 {
@@ -298,21 +408,29 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// Rows a GEMV asks of its row kernels at once (the Q8 kernels share activation loads).
+const ROWS_PER_CALL: usize = 4;
+
 /// Weights per GEMV task: enough to amortize rayon's scheduling, small enough to balance.
 const TASK_WEIGHTS: usize = 32 * 1024;
 
 fn gemv(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
     let (n, cols) = (rows.rows(), rows.cols());
-    let prepared: Vec<Vec<f32>> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
-    let per_task = (TASK_WEIGHTS / cols).max(1);
+    let prepared: Vec<Prepared> = (0..tokens).map(|t| rows.prepare(&x[t * cols..(t + 1) * cols])).collect();
+    let per_task = (TASK_WEIGHTS / cols).max(1).next_multiple_of(ROWS_PER_CALL);
     let out = SharedOut(y.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = out;
-        for r in task * per_task..((task + 1) * per_task).min(n) {
+        let (first, end) = (task * per_task, ((task + 1) * per_task).min(n));
+        let mut buf = [0f32; ROWS_PER_CALL];
+        for r in (first..end).step_by(ROWS_PER_CALL) {
+            let k = ROWS_PER_CALL.min(end - r);
             for (t, prep) in prepared.iter().enumerate() {
-                let v = rows.dot(r, &x[t * cols..(t + 1) * cols], prep);
-                // SAFETY: row r belongs to this task only; t·n + r < tokens·n = y.len().
-                unsafe { *out.0.add(t * n + r) = v };
+                rows.dot_rows(r, &x[t * cols..(t + 1) * cols], prep, &mut buf[..k]);
+                for (i, &v) in buf[..k].iter().enumerate() {
+                    // SAFETY: rows r..r + k belong to this task only; t·n + r + i < y.len().
+                    unsafe { *out.0.add(t * n + r + i) = v };
+                }
             }
         }
     });
@@ -325,6 +443,8 @@ fn panel_rows(cols: usize) -> usize {
 
 fn gemm(rows: &impl Rows, x: &[f32], tokens: usize, y: &mut [f32]) {
     let (n, cols) = (rows.rows(), rows.cols());
+    let x = rows.gemm_input(x);
+    let x: &[f32] = &x;
     let panel = panel_rows(cols);
     let out = SharedOut(y.as_mut_ptr());
     (0..n.div_ceil(panel)).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, p| {

@@ -50,3 +50,28 @@ impl Reference {
             .fold(0.0, f64::max)
     }
 }
+
+/// The Q8 path's definition (`q8`): each token's activations quantized per block, each block's
+/// products an exact integer sum `Σ w·q` (PoT `w = ±2^E`, INT `w = q − z`) times `d · s`, all in
+/// f64.
+pub fn matmul_packed_q8(m: &PackedMatrix, x: &[f32], tokens: usize) -> Reference {
+    use crate::cpu::q8::{blocks, integer_weight, Order, Q8Activations};
+    let (rows, cols) = (m.rows(), m.cols());
+    let gpr = m.layout().groups_per_row();
+    let mut y = vec![0f64; tokens * rows];
+    let mut magnitude = vec![0f64; tokens * rows];
+    for t in 0..tokens {
+        let a = Q8Activations::new(&x[t * cols..(t + 1) * cols], m.layout(), Order::Natural, false);
+        for r in 0..rows {
+            for (b, (c, len, group)) in blocks(m.layout()).enumerate() {
+                let scale = a.d[b] as f64 * m.scales()[r * gpr + group] as f64;
+                for col in c..c + len {
+                    let p = (integer_weight(m, r, col) as i64 * a.q[col] as i64) as f64 * scale;
+                    y[t * rows + r] += p;
+                    magnitude[t * rows + r] += p.abs();
+                }
+            }
+        }
+    }
+    Reference { y, magnitude }
+}
