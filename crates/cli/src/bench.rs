@@ -11,8 +11,10 @@ use serde_json::json;
 
 use crate::common::{model_path, print_json};
 
+mod cuda;
 mod generate;
 mod kernels;
+mod step2;
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -24,6 +26,10 @@ pub enum Bench {
     Kernels(kernels::KernelArgs),
     /// Decode tokens/s of the FP model against INT and PoT checkpoints made from it.
     Generate(generate::GenerateArgs),
+    /// Fused PoT and INT dequant-GEMV/GEMM on the GPU against cuBLAS f16 (feature `cuda`).
+    Cuda(cuda::CudaArgs),
+    /// Step 2 of one random block of a given shape (default Llama-2-7B) on the CPU or GPU.
+    Step2(step2::Step2Args),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +72,8 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Quant(a) => quant(a),
         Bench::Kernels(a) => kernels::run(a),
         Bench::Generate(a) => generate::run(a),
+        Bench::Cuda(a) => cuda::run(a),
+        Bench::Step2(a) => step2::run(a),
     }
 }
 

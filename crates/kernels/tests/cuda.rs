@@ -1,0 +1,72 @@
+//! The fused GPU kernels against their CPU reference (`cuda::reference_matmul`). The GPU test
+//! runs where a GPU is present and says so where none is; the NVRTC test where the NVRTC
+//! library can be loaded.
+#![cfg(feature = "cuda")]
+
+use candle_core::Device;
+use half::f16;
+use potptq_kernels::cuda::gpu::{compile, Kernels};
+use potptq_kernels::cuda::{reference_matmul, GpuLayout};
+use potptq_kernels::PackedMatrix;
+use potptq_quant::{quantize_rtn, Format, GroupLayout};
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn nvrtc_compiles_the_kernels() {
+    match std::panic::catch_unwind(compile) {
+        Ok(ptx) => {
+            let ptx = ptx.unwrap();
+            assert!(ptx.to_src().contains("mma.sync.aligned.m16n8k16"));
+        }
+        Err(_) => eprintln!("NVRTC library not found: compilation not tested"),
+    }
+}
+
+#[test]
+fn gpu_kernels_match_the_cpu_reference() {
+    let dev = match Device::new_cuda(0) {
+        Ok(Device::Cuda(d)) => d,
+        _ => {
+            eprintln!("no CUDA device: GPU kernels not tested");
+            return;
+        }
+    };
+    let kernels = Kernels::new(dev.cuda_stream()).unwrap();
+    let stream = kernels.stream().clone();
+    for &(rows, cols, group) in &[(64, 256, 128), (48, 384, 64), (32, 1024, 128)] {
+        let w: Vec<f32> = noise(rows * cols, (rows * cols) as u64).iter().map(|v| v * 0.05).collect();
+        let layout = GroupLayout::new(rows, cols, group).unwrap();
+        for (format, bits) in [(Format::Pot, 2), (Format::Pot, 3), (Format::Pot, 4), (Format::IntAsym, 2), (Format::IntAsym, 3), (Format::IntAsym, 4)] {
+            let q = quantize_rtn("w", &w, layout, format, bits).unwrap();
+            let m = GpuLayout::from_packed(&PackedMatrix::from_qtensor(&q).unwrap()).unwrap();
+            let gm = kernels.upload(&m).unwrap();
+            for tokens in [1, 3, 8, 16, 17, 33, 64, 70] {
+                let x: Vec<f16> = noise(tokens * cols, tokens as u64 + 99).iter().map(|&v| f16::from_f32(v)).collect();
+                let xb: Vec<u16> = x.iter().map(|h| h.to_bits()).collect();
+                let xd = stream.clone_htod(&xb).unwrap();
+                let mut yd = stream.alloc_zeros::<u16>(tokens * rows).unwrap();
+                kernels.matmul(&gm, &xd, &mut yd, tokens).unwrap();
+                let y: Vec<f16> = stream.clone_dtoh(&yd).unwrap().into_iter().map(f16::from_bits).collect();
+                let want = reference_matmul(&m, &x, tokens);
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let abs: f64 = (0..cols).map(|c| (m.weight(r, c).to_f64() * x[t * cols + c].to_f64()).abs()).sum();
+                        let err = (y[t * rows + r].to_f64() - want[t * rows + r]).abs();
+                        assert!(err <= 2e-3 * abs + 1e-6, "{format:?} {bits} bits [{rows}, {cols}] g{group}, {tokens} tokens: y[{t}][{r}] = {} vs {} (Σ|wx| {abs})", y[t * rows + r], want[t * rows + r]);
+                    }
+                }
+            }
+        }
+    }
+}
