@@ -128,10 +128,7 @@ pub fn run(a: Step2Args) -> Result<()> {
     let target_epochs = a.target_epochs.unwrap_or(Step2Options::paper(a.bits).epochs);
     let block_s = 2.0 * pass_s + 2.0 * loss_s + target_epochs as f64 * epoch_s;
     let total_s = a.blocks as f64 * block_s;
-    let device_name = match &device {
-        Device::Cuda(d) => d.cuda_stream().context().name().unwrap_or_default(),
-        _ => "cpu".to_string(),
-    };
+    let device_name = device_name(&device);
     if !a.json {
         println!(
             "Step 2 on {device_name}: block {}×{} (MLP {}), {} segments × {} tokens, {} bits: pass {pass_s:.2} s, loss {loss_s:.2} s, {} epochs {refine_s:.1} s ({epoch_s:.2} s/epoch); loss {loss0:.3e} → {:.3e}",
@@ -179,4 +176,17 @@ mod tests {
     fn tiny() -> Step2Args {
         Step2Args { hidden: 64, heads: 4, intermediate: 128, segments: 1, seq_len: 4, bits: 2, group_size: 32, epochs: 1, target_epochs: None, blocks: 1, device: "cpu".into(), json: true }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cuda(d) => d.cuda_stream().context().name().unwrap_or_default(),
+        _ => "cpu".to_string(),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_name(_: &Device) -> String {
+    "cpu".to_string()
 }
