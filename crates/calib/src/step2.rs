@@ -78,13 +78,17 @@ pub struct Step2Options {
     pub weight_lr: Option<f64>,
     #[serde(default, skip_serializing_if = "Schedule::is_constant")]
     pub schedule: Schedule,
+    /// Keep the starting scales (and weights) of a block whose trained state fits its
+    /// calibration output worse than the start did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_better: bool,
 }
 
 impl Step2Options {
     /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
     /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
     pub fn paper(bits: u8) -> Self {
-        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant }
+        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false }
     }
 
     pub fn check(&self) -> Result<()> {
@@ -113,6 +117,12 @@ pub struct LearnedScales {
     group_of_col: Tensor,
     qmax: f64,
     adam: Adam,
+}
+
+/// `Γ` (and trained weights) as a block's training started.
+struct Start {
+    gamma: Tensor,
+    weight: Option<Tensor>,
 }
 
 enum Source {
@@ -183,6 +193,22 @@ impl LearnedScales {
         let e = ((magnitude.div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
         // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
         Ok((e * LN_2)?.exp()?.round()?.mul(&sign)?)
+    }
+
+    fn snapshot(&self) -> Result<Start> {
+        let weight = match &self.source {
+            Source::Trained { weight, .. } => Some(weight.as_tensor().copy()?),
+            Source::Fixed { .. } => None,
+        };
+        Ok(Start { gamma: self.gamma.as_tensor().copy()?, weight })
+    }
+
+    fn restore(&mut self, start: Start) -> Result<()> {
+        self.gamma.set(&start.gamma)?;
+        if let (Source::Trained { weight, .. }, Some(w)) = (&mut self.source, start.weight) {
+            weight.set(&w)?;
+        }
+        Ok(())
     }
 
     /// The weights the final codes are rounded from, row-major `[rows, cols]`.
@@ -273,6 +299,9 @@ pub struct RefineReport {
     pub loss_after: f64,
     pub gamma: GammaStats,
     pub seconds: f64,
+    /// The trained state was worse than the start and was dropped (`keep_better`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept_start: bool,
 }
 
 /// The distribution of the learned `Γ` over every group of the block.
@@ -329,6 +358,7 @@ pub fn refine_block(
     opts.check()?;
     let start = Instant::now();
     let loss_before = block_loss(graph, fp, scales, inputs, targets)?;
+    let starts: Vec<Start> = if opts.keep_better { scales.iter().map(|s| s.snapshot()).collect::<Result<_>>()? } else { Vec::new() };
     let mut epoch_losses = Vec::with_capacity(opts.epochs);
     let total_steps = opts.epochs * inputs.len();
     let mut step = 0;
@@ -348,9 +378,16 @@ pub fn refine_block(
         ensure!(mean.is_finite(), "Step 2 diverged (loss {mean}); lower the learning rate");
         epoch_losses.push(mean);
     }
-    let loss_after = block_loss(graph, fp, scales, inputs, targets)?;
+    let mut loss_after = block_loss(graph, fp, scales, inputs, targets)?;
+    let kept_start = opts.keep_better && loss_after > loss_before;
+    if kept_start {
+        for (s, start) in scales.iter_mut().zip(starts) {
+            s.restore(start)?;
+        }
+        loss_after = block_loss(graph, fp, scales, inputs, targets)?;
+    }
     let gamma: Vec<f32> = scales.iter().map(|s| s.gamma()).collect::<Result<Vec<_>>>()?.concat();
-    Ok(RefineReport { epoch_losses, loss_before, loss_after, gamma: GammaStats::of(&gamma), seconds: start.elapsed().as_secs_f64() })
+    Ok(RefineReport { epoch_losses, loss_before, loss_after, gamma: GammaStats::of(&gamma), seconds: start.elapsed().as_secs_f64(), kept_start })
 }
 
 #[cfg(test)]
@@ -458,7 +495,7 @@ mod tests {
             .collect();
         let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).unwrap()).collect();
         let mut scales = learned(block, cfg, 2, 32, DType::F32);
-        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant };
+        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false };
         let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts).unwrap();
         assert_eq!(report.epoch_losses.len(), 30);
         assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);
@@ -471,6 +508,14 @@ mod tests {
         let report_w = refine_block(&graph, &fp, &mut trained, &inputs, &targets, &with_weights).unwrap();
         assert!(report_w.loss_after < report.loss_after, "{} with weights vs {} without", report_w.loss_after, report.loss_after);
         assert!(trained.iter().zip(&before).any(|(s, b)| s.source_weights().unwrap() != *b), "the weights moved");
+
+        // A run that ends worse than it started keeps the start when asked to.
+        let mut scales = learned(block, cfg, 2, 32, DType::F32);
+        let wild_kept = Step2Options { lr: 5.0, epochs: 2, keep_better: true, ..opts.clone() };
+        let kept = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &wild_kept).unwrap();
+        assert!(kept.kept_start, "a learning rate of 5 ends worse: {} → {}", kept.loss_before, kept.loss_after);
+        assert_eq!(kept.loss_after, kept.loss_before);
+        assert!(scales.iter().all(|s| s.gamma().unwrap().iter().all(|&g| g == 0.0)));
 
         // The cosine schedule starts at the full rate and ends near zero.
         assert_eq!(Schedule::Cosine.factor(0, 10), 1.0);

@@ -92,6 +92,9 @@ pub struct Args {
     /// Step 2 learning-rate schedule over each block's steps.
     #[arg(long, value_enum, default_value = "constant")]
     s2_schedule: ScheduleArg,
+    /// Keep a block's starting scales (and weights) when its trained state fits worse.
+    #[arg(long)]
+    s2_keep_better: bool,
     /// Adam learning rate of the weights Step 2 trains in the `+tw` methods.
     #[arg(long, default_value_t = DEFAULT_WEIGHT_LR)]
     s2_weight_lr: f64,
@@ -220,6 +223,9 @@ struct Step2Settings {
     /// Absent from runs made before it existed.
     #[serde(default)]
     schedule: Schedule,
+    /// Absent from runs made before it existed.
+    #[serde(default)]
+    keep_better: bool,
     /// Of the `+tw` methods (absent from runs made before they existed).
     #[serde(default = "default_weight_lr")]
     weight_lr: f64,
@@ -290,6 +296,7 @@ pub fn run(args: Args) -> Result<()> {
             ScheduleArg::Cosine => Schedule::Cosine,
         },
         weight_lr: args.s2_weight_lr,
+        keep_better: args.s2_keep_better,
         device: if args.device == DeviceArg::Cuda { "cuda" } else { "cpu" }.into(),
     };
     let default_epochs = |bits: u8| match args.protocol {
@@ -306,6 +313,7 @@ pub fn run(args: Args) -> Result<()> {
         batch: s2_settings.batch,
         weight_lr: train_weights.then_some(s2_settings.weight_lr),
         schedule: s2_settings.schedule,
+        keep_better: s2_settings.keep_better,
     };
     for &bits in &args.bits {
         step2_for(bits, true).check()?;
