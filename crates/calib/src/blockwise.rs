@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use potptq_model::checkpoint::through_f16;
 use potptq_model::llama::{Block, Model, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
-use potptq_quant::{gptq_with_inputs, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
+use potptq_quant::{gptq, gptq_with_inputs, quantize_pot_step1, quantize_pot_step1_weighted, quantize_pot_with_scales, quantize_rtn, GptqOptions, Grid, GroupLayout, Hessian, QTensor};
 
 use crate::graph::{embed_batches, BlockGraph, BlockWeights};
 use crate::methods::{Init, Method, Variant};
@@ -328,7 +328,9 @@ fn quantize_block(
     let mut block = fp_block.clone();
     let (format, bits) = (opts.method.format(), opts.bits);
     let mut quantized = Vec::with_capacity(layouts.len());
-    // What GPTQ rounded each linear from (its weights plus the feedback), for Step 2 to train.
+    // What GPTQ rounded each linear from (its weights plus the feedback), kept only for Step 2
+    // to train.
+    let train_weights = opts.method.refines() && opts.step2.weight_lr.is_some();
     let mut gptq_inputs: Vec<Vec<f32>> = Vec::new();
     let staged = opts.method.init() == Init::Gptq || opts.weighted_step1;
     if staged {
@@ -345,9 +347,13 @@ fn quantize_block(
                     Some(moments) => quantize_pot_step1_weighted(name, &w, *layout, bits, &opts.grid, moments)?,
                     None => {
                         let gptq_opts = GptqOptions { weighted_scales: opts.weighted_step1, ..opts.gptq.clone() };
-                        let (q, inputs) = gptq_with_inputs(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?;
-                        gptq_inputs.push(inputs);
-                        q
+                        if train_weights {
+                            let (q, inputs) = gptq_with_inputs(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?;
+                            gptq_inputs.push(inputs);
+                            q
+                        } else {
+                            gptq(name, &w, *layout, &hessian, format, bits, &opts.grid, &gptq_opts)?
+                        }
                     }
                 };
                 set_weight(&mut block, linear, &q)?;
@@ -378,7 +384,6 @@ fn quantize_block(
     // Codes are recomputed from the FP weights, or, after GPTQ, from its updated weights (whose
     // codes the refined scales then keep: a scale moves far less than the √2 it takes to flip one).
     // Trained weights start from what GPTQ rounded (its codes at Γ = 0, and free to move).
-    let train_weights = opts.step2.weight_lr.is_some();
     let sources: Vec<Vec<f32>> = if train_weights && opts.method.init() == Init::Gptq {
         gptq_inputs
     } else {
