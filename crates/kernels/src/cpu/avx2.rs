@@ -148,37 +148,65 @@ fn scalar_tail(m: &PackedMatrix, r: usize, x: &[f32]) -> f32 {
     (m.cols() & !7..m.cols()).map(|c| m.weight(r, c) * x[c]).sum()
 }
 
-/// `Σ_c W[r, c]·x[c]` of a PoT row.
+/// `Σ_c W[r, c]·x[c]` for the `R` PoT rows from `r0`, into `out[..R]`: each load of `x`
+/// serves all `R` rows. Four independent sums hide the FMA latency whatever `R` (1, 2 or 4):
+/// row `i` adds octet `k` of a chunk into sum `(i + k·R) % 4`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_pot<const B: usize, D: PotDecoder<B>>(m: &PackedMatrix, r: usize, x: &[f32]) -> f32 {
+unsafe fn dot_pot_rows<const B: usize, const R: usize, D: PotDecoder<B>>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     let gpr = m.layout().groups_per_row();
-    let scales = &m.scales()[r * gpr..(r + 1) * gpr];
-    let (row, xp, shifts) = (m.row_ptr(r), x.as_ptr(), lane_shifts(B));
+    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
+    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let (xp, shifts) = (x.as_ptr(), lane_shifts(B));
     let mut acc = [_mm256_setzero_ps(); 4];
-    for (g, &s) in scales.iter().enumerate() {
+    for g in 0..gpr {
         let (mut c, end) = vector_cols(m, g);
-        let group = D::group(s);
-        // Whole chunks (every group when G is a multiple of 32), four independent sums to
-        // hide the FMA latency.
+        let group: [D::Group; R] = std::array::from_fn(|i| D::group(*scales.get_unchecked(i * gpr + g)));
+        // Whole chunks (every group when G is a multiple of 32).
         if c % 32 == 0 {
-            let mut chunk = row.add(c / 32 * 4 * B);
+            let mut off = c / 32 * 4 * B;
             while c + 32 <= end {
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let w = D::decode(group, chunk_codes8(chunk, k, B, shifts));
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(c + 8 * k)), *a);
+                for k in 0..4 {
+                    let xv = _mm256_loadu_ps(xp.add(c + 8 * k));
+                    for i in 0..R {
+                        let w = D::decode(group[i], chunk_codes8(rows[i].add(off), k, B, shifts));
+                        let a = &mut acc[(i + k * R) % 4];
+                        *a = _mm256_fmadd_ps(w, xv, *a);
+                    }
                 }
-                chunk = chunk.add(4 * B);
+                off += 4 * B;
                 c += 32;
             }
         }
         while c < end {
-            let w = D::decode(group, codes8(row, c, B, shifts));
-            acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(c)), acc[0]);
+            let xv = _mm256_loadu_ps(xp.add(c));
+            for i in 0..R {
+                let w = D::decode(group[i], codes8(rows[i], c, B, shifts));
+                acc[i] = _mm256_fmadd_ps(w, xv, acc[i]);
+            }
             c += 8;
         }
     }
-    let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    hsum(total) + scalar_tail(m, r, x)
+    for i in 0..R {
+        let mut total = acc[i];
+        for j in (i + R..4).step_by(R) {
+            total = _mm256_add_ps(total, acc[j]);
+        }
+        out[i] = hsum(total) + scalar_tail(m, r0 + i, x);
+    }
+}
+
+/// PoT rows `r0..r0 + out.len()`, four at a time.
+unsafe fn dot_pot_packed_rows<const B: usize, D: PotDecoder<B>>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    let mut chunks = out.chunks_exact_mut(4);
+    let mut r = r0;
+    for c in &mut chunks {
+        dot_pot_rows::<B, 4, D>(m, r, x, c);
+        r += 4;
+    }
+    for c in chunks.into_remainder().chunks_mut(1) {
+        dot_pot_rows::<B, 1, D>(m, r, x, c);
+        r += 1;
+    }
 }
 
 /// Row `r` of a PoT matrix as f32.
@@ -271,20 +299,29 @@ pub fn supports(m: &PackedMatrix) -> bool {
 
 pub use crate::cpu::PotDecode;
 
+/// Rows `r0..r0 + out.len()`; `x_sums` from `int_x_sums` for INT.
+///
 /// # Safety
-/// `available()` must be true and `supports(m)`.
-pub unsafe fn dot_packed(m: &PackedMatrix, decode: PotDecode, r: usize, x: &[f32], x_sums: &[f32]) -> f32 {
+/// `available()` must be true and `supports(m)`; the rows exist.
+pub unsafe fn dot_packed_rows(m: &PackedMatrix, decode: PotDecode, r0: usize, x: &[f32], x_sums: &[f32], out: &mut [f32]) {
     use potptq_quant::Format::*;
     match (m.format(), m.bits(), decode) {
-        (Pot, 2, PotDecode::Lut) => dot_pot::<2, Lut>(m, r, x),
-        (Pot, 3, PotDecode::Lut) => dot_pot::<3, Lut>(m, r, x),
-        (Pot, 4, PotDecode::Lut) => dot_pot::<4, Lut>(m, r, x),
-        (Pot, 2, PotDecode::BitAdd) => dot_pot::<2, BitAdd>(m, r, x),
-        (Pot, 3, PotDecode::BitAdd) => dot_pot::<3, BitAdd>(m, r, x),
-        (Pot, 4, PotDecode::BitAdd) => dot_pot::<4, BitAdd>(m, r, x),
-        (IntAsym | IntSym, 2, _) => dot_int::<2>(m, r, x, x_sums),
-        (IntAsym | IntSym, 3, _) => dot_int::<3>(m, r, x, x_sums),
-        (IntAsym | IntSym, 4, _) => dot_int::<4>(m, r, x, x_sums),
+        (Pot, 2, PotDecode::Lut) => dot_pot_packed_rows::<2, Lut>(m, r0, x, out),
+        (Pot, 3, PotDecode::Lut) => dot_pot_packed_rows::<3, Lut>(m, r0, x, out),
+        (Pot, 4, PotDecode::Lut) => dot_pot_packed_rows::<4, Lut>(m, r0, x, out),
+        (Pot, 2, PotDecode::BitAdd) => dot_pot_packed_rows::<2, BitAdd>(m, r0, x, out),
+        (Pot, 3, PotDecode::BitAdd) => dot_pot_packed_rows::<3, BitAdd>(m, r0, x, out),
+        (Pot, 4, PotDecode::BitAdd) => dot_pot_packed_rows::<4, BitAdd>(m, r0, x, out),
+        (IntAsym | IntSym, b, _) => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = match b {
+                    2 => dot_int::<2>(m, r0 + i, x, x_sums),
+                    3 => dot_int::<3>(m, r0 + i, x, x_sums),
+                    4 => dot_int::<4>(m, r0 + i, x, x_sums),
+                    _ => unreachable!("avx2 kernels do not cover INT at {b} bits"),
+                };
+            }
+        }
         (f, b, _) => unreachable!("avx2 kernels do not cover {f:?} at {b} bits"),
     }
 }

@@ -273,19 +273,9 @@ impl Rows for PackedRows<'_> {
         Prepared::None
     }
     fn dot(&self, r: usize, x: &[f32], prepared: &Prepared) -> f32 {
-        if let Prepared::Q8(a) = prepared {
-            let mut out = [0f32];
-            self.dot_rows(r, x, prepared, &mut out);
-            let _ = a;
-            return out[0];
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            let sums: &[f32] = if let Prepared::XSums(s) = prepared { s } else { &[] };
-            // SAFETY: `simd` is set only when the CPU has the features and the kernels cover m.
-            return unsafe { avx2::dot_packed(self.m, self.decode, r, x, sums) };
-        }
-        portable::dot_packed(self.m, r, x)
+        let mut out = [0f32];
+        self.dot_rows(r, x, prepared, &mut out);
+        out[0]
     }
     fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
         match prepared {
@@ -301,8 +291,15 @@ impl Rows for PackedRows<'_> {
                 }
             }
             _ => {
+                #[cfg(target_arch = "x86_64")]
+                if self.simd {
+                    let sums: &[f32] = if let Prepared::XSums(s) = prepared { s } else { &[] };
+                    // SAFETY: `simd` is set only when the CPU has the features and the kernels
+                    // cover m; the rows exist.
+                    return unsafe { avx2::dot_packed_rows(self.m, self.decode, r0, x, sums, out) };
+                }
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = self.dot(r0 + i, x, prepared);
+                    *o = portable::dot_packed(self.m, r0 + i, x);
                 }
             }
         }
@@ -408,7 +405,7 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-/// Rows a GEMV asks of its row kernels at once (the Q8 kernels share activation loads).
+/// Rows a GEMV asks of its row kernels at once (the PoT and Q8 kernels share activation loads).
 const ROWS_PER_CALL: usize = 4;
 
 /// Weights per GEMV task: enough to amortize rayon's scheduling, small enough to balance.
