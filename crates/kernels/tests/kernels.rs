@@ -18,7 +18,7 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2].into_iter().filter(|i| i.available()).collect()
+    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()).collect()
 }
 
 /// `(rows, cols, group)`: ragged last groups (576 = 4.5 × 128, 100 = 3 × 32 + 4), a group

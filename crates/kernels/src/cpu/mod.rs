@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 pub mod q8;
 pub mod reference;
@@ -34,13 +36,16 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 plus AVX-512 F, BW and VBMI: the packed GEMV decodes 16 weights per lookup
+    /// (`avx512`); everything else runs the AVX2 kernels.
+    Avx512,
 }
 
 impl Isa {
     /// The fastest one this CPU has, detected once.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| if Isa::Avx2.available() { Isa::Avx2 } else { Isa::Portable })
+        *BEST.get_or_init(|| [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.available()).unwrap_or(Isa::Portable))
     }
 
     pub fn available(self) -> bool {
@@ -48,8 +53,10 @@ impl Isa {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         }
     }
 
@@ -57,7 +64,13 @@ impl Isa {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
+    }
+
+    /// Whether the AVX2 kernels may run (AVX-512 includes them).
+    fn has_avx2(self) -> bool {
+        self != Isa::Portable
     }
 }
 
@@ -233,16 +246,23 @@ struct PackedRows<'a> {
     activations: Activations,
     /// The AVX2 Q8 kernels cover `m` (else Q8 goes the scalar way).
     simd_q8: bool,
+    /// The AVX-512 GEMV kernels cover `m` and the decode (f32 activations).
+    wide: bool,
 }
 
 impl<'a> PackedRows<'a> {
     fn new(m: &'a PackedMatrix, kernel: Kernel) -> Result<Self> {
         check_isa(kernel.isa)?;
         #[cfg(target_arch = "x86_64")]
-        let (simd, simd_q8) = (kernel.isa == Isa::Avx2 && avx2::supports(m), kernel.isa == Isa::Avx2 && avx2::supports_q8(m));
+        let (simd, simd_q8) = (kernel.isa.has_avx2() && avx2::supports(m), kernel.isa.has_avx2() && avx2::supports_q8(m));
         #[cfg(not(target_arch = "x86_64"))]
         let (simd, simd_q8) = (false, false);
-        Ok(Self { m, simd, decode: kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits())), activations: kernel.activations, simd_q8 })
+        let decode = kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits()));
+        #[cfg(target_arch = "x86_64")]
+        let wide = kernel.isa == Isa::Avx512 && avx512::supports(m) && (m.format() != Format::Pot || decode == PotDecode::Lut);
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide = false;
+        Ok(Self { m, simd, decode, activations: kernel.activations, simd_q8, wide })
     }
 
     fn q8_order(&self) -> q8::Order {
@@ -266,7 +286,7 @@ impl Rows for PackedRows<'_> {
             return Prepared::Q8(q8::Q8Activations::new(x, self.m.layout(), self.q8_order(), self.simd_q8));
         }
         #[cfg(target_arch = "x86_64")]
-        if self.simd && self.m.format() != Format::Pot {
+        if self.simd && !self.wide && self.m.format() != Format::Pot {
             return Prepared::XSums(avx2::int_x_sums(self.m, x));
         }
         let _ = x;
@@ -291,6 +311,12 @@ impl Rows for PackedRows<'_> {
                 }
             }
             _ => {
+                #[cfg(target_arch = "x86_64")]
+                if self.wide {
+                    // SAFETY: `wide` is set only when the CPU has the features and the
+                    // kernels cover m; the rows exist.
+                    return unsafe { avx512::dot_packed_rows(self.m, r0, x, out) };
+                }
                 #[cfg(target_arch = "x86_64")]
                 if self.simd {
                     let sums: &[f32] = if let Prepared::XSums(s) = prepared { s } else { &[] };
@@ -342,7 +368,7 @@ impl Rows for F32Rows<'_> {
     fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx2 {
+        if self.isa.has_avx2() {
             // SAFETY: the ISA was checked available; lengths are equal.
             return unsafe { avx2::dot_f32(w, x) };
         }
@@ -373,7 +399,7 @@ impl Rows for F16Rows<'_> {
     fn dot(&self, r: usize, x: &[f32], _: &Prepared) -> f32 {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx2 {
+        if self.isa.has_avx2() {
             // SAFETY: the ISA was checked available; lengths are equal.
             return unsafe { avx2::dot_f16(w, x) };
         }
@@ -382,7 +408,7 @@ impl Rows for F16Rows<'_> {
     fn decode(&self, r: usize, out: &mut [f32]) {
         let w = &self.w[r * self.cols..(r + 1) * self.cols];
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx2 {
+        if self.isa.has_avx2() {
             // SAFETY: as above.
             return unsafe { avx2::decode_f16(w, out) };
         }

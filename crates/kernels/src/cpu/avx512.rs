@@ -1,0 +1,136 @@
+//! AVX-512 GEMV row kernels (F, BW, VBMI): 16 weights per instruction, decoded by a 16-entry
+//! table per group. `vpermps` on a 512-bit register reads 4 index bits, so every code is one
+//! lookup: 4-bit PoT with its sign, INT with its zero-point (`s·q − s·z`), 2 and 3 bits with
+//! the table repeated (the index bits above the code's do not matter). The AVX2 decode of
+//! 4-bit PoT needs a shift and an xor besides the lookup, and INT a mask and a conversion.
+//!
+//! **16 codes in one load.** The 16 codes of half `h` of a 32-code chunk start at byte
+//! `h·2b` of the chunk and span `16b ≤ 64` bits: one unaligned 64-bit load (32-bit at 2
+//! bits), broadcast, and `vpmultishiftqb` (`vpsrlvd` at 2 bits) moves code `i` to the low bits
+//! of lane `i`, in column order. A 3-bit half starts mid-word; its load ends at most 2 bytes
+//! past the chunk, within the matrix's padding word.
+//!
+//! Groups must hold whole chunks (`G % 32 == 0`, `supports`); columns past the last whole
+//! chunk go through the scalar `PackedMatrix::weight`.
+
+use std::arch::x86_64::*;
+
+use crate::PackedMatrix;
+
+pub fn available() -> bool {
+    super::avx2::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vbmi")
+}
+
+/// Whether these kernels cover the matrix: 2 to 4 bits, groups of whole 32-code chunks.
+pub fn supports(m: &PackedMatrix) -> bool {
+    (2..=4).contains(&m.bits()) && m.layout().group_size % 32 == 0
+}
+
+/// The 16 codes of half `h` of the chunk at `chunk`, code `i` in the low bits of lane `i`.
+#[inline(always)]
+unsafe fn codes16<const B: usize>(chunk: *const u8, h: usize, shifts: __m512i) -> __m512i {
+    if B == 2 {
+        let v = (chunk.add(4 * h) as *const i32).read_unaligned();
+        _mm512_srlv_epi32(_mm512_set1_epi32(v), shifts)
+    } else {
+        let v = (chunk.add(2 * B * h) as *const i64).read_unaligned();
+        _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64(v))
+    }
+}
+
+/// The table index `i` reads: the weight of code `i mod 2^B` divided by the group's scale
+/// (PoT `±2^E`; INT the code, the zero-point added per group).
+#[inline(always)]
+unsafe fn levels<const B: usize, const INT: bool>() -> __m512 {
+    let level = |i: usize| -> f32 {
+        let code = (i & ((1 << B) - 1)) as u8;
+        if INT {
+            code as f32
+        } else {
+            potptq_quant::pot::decode(code, 1.0, B as u8)
+        }
+    };
+    let l: [f32; 16] = std::array::from_fn(level);
+    _mm512_loadu_ps(l.as_ptr())
+}
+
+#[inline(always)]
+unsafe fn hsum512(v: __m512) -> f32 {
+    let h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// `Σ_c W[r, c]·x[c]` for the `R` rows from `r0`, into `out[..R]`; each load of `x` serves
+/// all `R` rows, and each row keeps one sum per half-chunk.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    let l = m.layout();
+    let gpr = l.groups_per_row();
+    let (full, per_group) = (l.cols / 32, l.group_size / 32);
+    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
+    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
+    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let shifts = _mm512_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32,
+        8 * B as i32, 9 * B as i32, 10 * B as i32, 11 * B as i32, 12 * B as i32, 13 * B as i32, 14 * B as i32, 15 * B as i32);
+    let levels = levels::<B, INT>();
+    let xp = x.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); R]; 2];
+    for g in 0..gpr {
+        let (k0, k1) = (g * per_group, ((g + 1) * per_group).min(full));
+        let tables: [__m512; R] = std::array::from_fn(|i| {
+            let s = _mm512_set1_ps(*scales.get_unchecked(i * gpr + g));
+            if INT {
+                _mm512_fmadd_ps(levels, s, _mm512_set1_ps(*offsets.get_unchecked(i * gpr + g)))
+            } else {
+                _mm512_mul_ps(levels, s) // exact: powers of two
+            }
+        });
+        for k in k0..k1 {
+            for h in 0..2 {
+                let xv = _mm512_loadu_ps(xp.add(32 * k + 16 * h));
+                for i in 0..R {
+                    let w = _mm512_permutexvar_ps(codes16::<B>(rows[i].add(k * 4 * B), h, shifts), tables[i]);
+                    acc[h][i] = _mm512_fmadd_ps(w, xv, acc[h][i]);
+                }
+            }
+        }
+    }
+    for i in 0..R {
+        let tail: f32 = (full * 32..l.cols).map(|c| m.weight(r0 + i, c) * x[c]).sum();
+        out[i] = hsum512(_mm512_add_ps(acc[0][i], acc[1][i])) + tail;
+    }
+}
+
+/// Rows `r0..r0 + out.len()`, four at a time.
+///
+/// # Safety
+/// `available()` must be true and `supports(m)`; the rows exist.
+pub unsafe fn dot_packed_rows(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    use potptq_quant::Format::*;
+    unsafe fn rows<const B: usize, const INT: bool>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+        let mut chunks = out.chunks_exact_mut(4);
+        let mut r = r0;
+        for c in &mut chunks {
+            dot_rows::<B, 4, INT>(m, r, x, c);
+            r += 4;
+        }
+        for c in chunks.into_remainder().chunks_mut(1) {
+            dot_rows::<B, 1, INT>(m, r, x, c);
+            r += 1;
+        }
+    }
+    match (m.format(), m.bits()) {
+        (Pot, 2) => rows::<2, false>(m, r0, x, out),
+        (Pot, 3) => rows::<3, false>(m, r0, x, out),
+        (Pot, 4) => rows::<4, false>(m, r0, x, out),
+        (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, x, out),
+        (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, x, out),
+        (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, x, out),
+        (f, b) => unreachable!("avx512 kernels do not cover {f:?} at {b} bits"),
+    }
+}
