@@ -1,4 +1,4 @@
-//! AVX-512 GEMV row kernels (F, BW, VBMI): 16 weights per instruction, decoded by a 16-entry
+//! AVX-512 row kernels (F, BW, VBMI) for packed GEMV and GEMM panels: 16 weights per
 //! table per group. `vpermps` on a 512-bit register reads 4 index bits, so every code is one
 //! lookup: 4-bit PoT with its sign, INT with its zero-point (`s·q − s·z`), 2 and 3 bits with
 //! the table repeated (the index bits above the code's do not matter). The AVX2 decode of
@@ -43,19 +43,29 @@ unsafe fn codes16<const B: usize>(chunk: *const u8, h: usize, shifts: __m512i) -
 
 /// The table index `i` reads: the weight of code `i mod 2^B` divided by the group's scale
 /// (PoT `±2^E`; INT the code, the zero-point added per group).
-#[inline(always)]
-unsafe fn levels<const B: usize, const INT: bool>() -> __m512 {
-    let level = |i: usize| -> f32 {
-        let code = (i & ((1 << B) - 1)) as u8;
-        if INT {
+const fn levels(bits: usize, int: bool) -> [f32; 16] {
+    let mut l = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        let code = i & ((1 << bits) - 1);
+        l[i] = if int {
             code as f32
         } else {
-            potptq_quant::pot::decode(code, 1.0, B as u8)
-        }
-    };
-    let l: [f32; 16] = std::array::from_fn(level);
-    _mm512_loadu_ps(l.as_ptr())
+            let magnitude = (1u32 << (code & ((1 << (bits - 1)) - 1))) as f32;
+            if code >> (bits - 1) == 1 { -magnitude } else { magnitude }
+        };
+        i += 1;
+    }
+    l
 }
+static LEVELS: [[[f32; 16]; 3]; 2] = [
+    [levels(2, false), levels(3, false), levels(4, false)],
+    [levels(2, true), levels(3, true), levels(4, true)],
+];
+
+/// How far ahead of each row's reads to prefetch, in bytes (measured better than the
+/// hardware prefetcher alone, and than 512 or 1024).
+const PREFETCH: usize = 256;
 
 #[inline(always)]
 unsafe fn hsum512(v: __m512) -> f32 {
@@ -77,7 +87,7 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
     let shifts = _mm512_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32,
         8 * B as i32, 9 * B as i32, 10 * B as i32, 11 * B as i32, 12 * B as i32, 13 * B as i32, 14 * B as i32, 15 * B as i32);
-    let levels = levels::<B, INT>();
+    let levels = _mm512_loadu_ps(LEVELS[INT as usize][B - 2].as_ptr());
     let xp = x.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); R]; 2];
     for g in 0..gpr {
@@ -91,6 +101,9 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
             }
         });
         for k in k0..k1 {
+            for i in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(rows[i].add(k * 4 * B + PREFETCH) as *const i8);
+            }
             for h in 0..2 {
                 let xv = _mm512_loadu_ps(xp.add(32 * k + 16 * h));
                 for i in 0..R {
@@ -131,6 +144,46 @@ pub unsafe fn dot_packed_rows(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut 
         (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, x, out),
         (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, x, out),
         (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, x, out),
+        (f, b) => unreachable!("avx512 kernels do not cover {f:?} at {b} bits"),
+    }
+}
+
+/// Row `r` as f32, for a GEMM panel.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+unsafe fn decode_row<const B: usize, const INT: bool>(m: &PackedMatrix, r: usize, out: &mut [f32]) {
+    let l = m.layout();
+    let gpr = l.groups_per_row();
+    let (full, per_group) = (l.cols / 32, l.group_size / 32);
+    let row = m.row_ptr(r);
+    let shifts = _mm512_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32,
+        8 * B as i32, 9 * B as i32, 10 * B as i32, 11 * B as i32, 12 * B as i32, 13 * B as i32, 14 * B as i32, 15 * B as i32);
+    let levels = _mm512_loadu_ps(LEVELS[INT as usize][B - 2].as_ptr());
+    let op = out.as_mut_ptr();
+    for g in 0..gpr {
+        let s = _mm512_set1_ps(m.scales()[r * gpr + g]);
+        let table = if INT { _mm512_fmadd_ps(levels, s, _mm512_set1_ps(m.offsets()[r * gpr + g])) } else { _mm512_mul_ps(levels, s) };
+        for k in g * per_group..((g + 1) * per_group).min(full) {
+            for h in 0..2 {
+                _mm512_storeu_ps(op.add(32 * k + 16 * h), _mm512_permutexvar_ps(codes16::<B>(row.add(k * 4 * B), h, shifts), table));
+            }
+        }
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(full * 32) {
+        *o = m.weight(r, c);
+    }
+}
+
+/// # Safety
+/// `available()` must be true and `supports(m)`; `out.len() == m.cols()`.
+pub unsafe fn decode_packed(m: &PackedMatrix, r: usize, out: &mut [f32]) {
+    use potptq_quant::Format::*;
+    match (m.format(), m.bits()) {
+        (Pot, 2) => decode_row::<2, false>(m, r, out),
+        (Pot, 3) => decode_row::<3, false>(m, r, out),
+        (Pot, 4) => decode_row::<4, false>(m, r, out),
+        (IntAsym | IntSym, 2) => decode_row::<2, true>(m, r, out),
+        (IntAsym | IntSym, 3) => decode_row::<3, true>(m, r, out),
+        (IntAsym | IntSym, 4) => decode_row::<4, true>(m, r, out),
         (f, b) => unreachable!("avx512 kernels do not cover {f:?} at {b} bits"),
     }
 }

@@ -37,7 +37,7 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// AVX2 plus AVX-512 F, BW and VBMI: the packed GEMV decodes 16 weights per lookup
-    /// (`avx512`); everything else runs the AVX2 kernels.
+    /// (`avx512`), and so do GEMM panels; everything else runs the AVX2 kernels.
     Avx512,
 }
 
@@ -248,6 +248,8 @@ struct PackedRows<'a> {
     simd_q8: bool,
     /// The AVX-512 GEMV kernels cover `m` and the decode (f32 activations).
     wide: bool,
+    /// The AVX-512 kernels cover `m` (GEMM panels decode with them).
+    wide_decode: bool,
 }
 
 impl<'a> PackedRows<'a> {
@@ -259,10 +261,11 @@ impl<'a> PackedRows<'a> {
         let (simd, simd_q8) = (false, false);
         let decode = kernel.pot_decode.unwrap_or(PotDecode::chosen(m.bits()));
         #[cfg(target_arch = "x86_64")]
-        let wide = kernel.isa == Isa::Avx512 && avx512::supports(m) && (m.format() != Format::Pot || decode == PotDecode::Lut);
+        let wide_decode = kernel.isa == Isa::Avx512 && avx512::supports(m);
         #[cfg(not(target_arch = "x86_64"))]
-        let wide = false;
-        Ok(Self { m, simd, decode, activations: kernel.activations, simd_q8, wide })
+        let wide_decode = false;
+        let wide = wide_decode && (m.format() != Format::Pot || decode == PotDecode::Lut);
+        Ok(Self { m, simd, decode, activations: kernel.activations, simd_q8, wide, wide_decode })
     }
 
     fn q8_order(&self) -> q8::Order {
@@ -342,6 +345,11 @@ impl Rows for PackedRows<'_> {
         Cow::Owned(out)
     }
     fn decode(&self, r: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.wide_decode {
+            // SAFETY: as above; `out` is one row.
+            return unsafe { avx512::decode_packed(self.m, r, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: as above; `out` is one row.
