@@ -2,8 +2,8 @@
 //! instruction, decoded by a 16-entry table per group. `vpermps` on a 512-bit register reads 4
 //! index bits, so every code is one lookup: 4-bit PoT with its sign, INT with its zero-point
 //! (`s·q − s·z`), 2 and 3 bits with the table repeated (the index bits above the code's do not
-//! matter). The AVX2 decode of
-//! 4-bit PoT needs a shift and an xor besides the lookup, and INT a mask and a conversion.
+//! matter). The AVX2 decode of 4-bit PoT needs a shift and an xor besides the lookup, and INT
+//! a mask and a conversion.
 //!
 //! **16 codes in one load.** The 16 codes of half `h` of a 32-code chunk start at byte
 //! `h·2b` of the chunk and span `16b ≤ 64` bits: one unaligned 64-bit load (32-bit at 2
