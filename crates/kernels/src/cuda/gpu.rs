@@ -14,35 +14,61 @@ pub const SOURCE: &str = include_str!("qgemm.cu");
 pub const MAX_TOKENS: usize = 64;
 
 /// One instantiation of the kernel template: `mr` row tiles of 16 per block, `nt` token tiles
-/// of 8, `ks` warps splitting K, `u` K tiles loaded ahead per warp.
+/// of 8, `ks` warps splitting K, `u` K tiles loaded ahead per warp, `pipe` whether the next
+/// `u` tiles are loaded while the current ones are decoded (twice the registers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     pub mr: usize,
     pub nt: usize,
     pub ks: usize,
     pub u: usize,
+    pub pipe: bool,
+}
+
+const fn c(mr: usize, nt: usize, ks: usize, u: usize, pipe: bool) -> Config {
+    Config { mr, nt, ks, u, pipe }
 }
 
 /// The instantiations in `qgemm.cu` (`QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 6] = [
-    Config { mr: 1, nt: 1, ks: 8, u: 4 },
-    Config { mr: 1, nt: 2, ks: 8, u: 4 },
-    Config { mr: 1, nt: 4, ks: 8, u: 2 },
-    Config { mr: 1, nt: 8, ks: 8, u: 2 },
-    Config { mr: 2, nt: 4, ks: 4, u: 2 },
-    Config { mr: 2, nt: 8, ks: 4, u: 2 },
+pub const CONFIGS: [Config; 14] = [
+    c(1, 1, 8, 4, false),
+    c(1, 1, 8, 4, true),
+    c(1, 1, 8, 2, true),
+    c(1, 1, 16, 2, false),
+    c(1, 1, 16, 2, true),
+    c(1, 1, 16, 4, false),
+    c(1, 1, 32, 2, false),
+    c(1, 2, 8, 4, false),
+    c(1, 2, 8, 4, true),
+    c(1, 4, 8, 2, false),
+    c(1, 4, 8, 2, true),
+    c(1, 8, 8, 2, false),
+    c(2, 4, 4, 2, false),
+    c(2, 8, 4, 2, false),
 ];
+
+/// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
+pub fn single_tile_configs() -> impl Iterator<Item = Config> {
+    CONFIGS.into_iter().filter(|c| c.nt == 1)
+}
+
+/// Row tiles below which a single-token-tile product splits K over 16 warps instead of 8: with
+/// few blocks per SM, more warps keep more loads in flight.
+const FEW_ROW_TILES: usize = 2 * 132 * 2;
 
 /// The configuration for `tokens` (≤ 64) tokens: one token tile per 8 tokens; two row tiles
 /// per block from 17 tokens on (the activations are then re-read less), when the rows allow.
 pub fn config_for(tokens: usize, rows: usize) -> Config {
     let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
     let mr = if nt >= 4 && rows % 32 == 0 { 2 } else { 1 };
-    *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr).expect("an instantiated configuration")
+    if nt == 1 {
+        return if rows / 16 < FEW_ROW_TILES { c(1, 1, 16, 2, true) } else { c(1, 1, 8, 4, false) };
+    }
+    *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr && !c.pipe).expect("an instantiated configuration")
 }
 
 pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
-    format!("{}_b{bits}_m{}_n{}_k{}_u{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
+    format!("{}_b{bits}_m{}_n{}_k{}_u{}_p{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u, c.pipe as u8)
 }
 
 /// `qgemm.cu` compiled for the GPU of `stream`.
@@ -120,14 +146,23 @@ impl Kernels {
     /// # Safety
     /// `x` and `y` must point to at least `tokens·cols` and `tokens·rows` f16 on this device.
     pub unsafe fn matmul_raw(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize) -> Result<()> {
+        self.matmul_raw_with(w, x, y, tokens, None)
+    }
+
+    /// `matmul_raw` with a chosen configuration for every chunk (`None`: `config_for`).
+    ///
+    /// # Safety
+    /// As `matmul_raw`.
+    pub unsafe fn matmul_raw_with(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize, config: Option<Config>) -> Result<()> {
         ensure!(tokens > 0, "no tokens");
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
         let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / super::layout::TILE_COLS) as i32);
         let mut done = 0;
         while done < tokens {
-            let b = (tokens - done).min(MAX_TOKENS);
-            let c = config_for(b, w.rows);
+            let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
+            let c = config.unwrap_or_else(|| config_for(b, w.rows));
+            ensure!(w.rows % (16 * c.mr) == 0, "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * 2) as u64, y + (done * w.rows * 2) as u64);
             let bi = b as i32;
