@@ -389,7 +389,7 @@ pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [Learne
     opts.check()?;
     let device = inputs.first().context("no calibration inputs")?.device().clone();
     let mut p = StepProfile::default();
-    let mut lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
+    let lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
         device.synchronize()?;
         *acc += t.elapsed().as_secs_f64();
         *t = Instant::now();

@@ -60,7 +60,7 @@ fn gpu_kernels_match_the_cpu_reference() {
                 // The chosen configuration, then every instantiation that fits the rows.
                 let configs = std::iter::once(None).chain(CONFIGS.iter().filter(|c| rows % (16 * c.mr) == 0).map(|&c| Some(c)));
                 for config in configs {
-                    let mut yd = stream.alloc_zeros::<u16>(tokens * rows).unwrap();
+                    let yd = stream.alloc_zeros::<u16>(tokens * rows).unwrap();
                     {
                         use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                         let (xp, _g1) = xd.device_ptr(&stream);

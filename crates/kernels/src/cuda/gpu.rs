@@ -14,61 +14,45 @@ pub const SOURCE: &str = include_str!("qgemm.cu");
 pub const MAX_TOKENS: usize = 64;
 
 /// One instantiation of the kernel template: `mr` row tiles of 16 per block, `nt` token tiles
-/// of 8, `ks` warps splitting K, `u` K tiles loaded ahead per warp, `pipe` whether the next
-/// `u` tiles are loaded while the current ones are decoded (twice the registers).
+/// of 8, `ks` warps splitting K, `u` K tiles loaded ahead per warp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     pub mr: usize,
     pub nt: usize,
     pub ks: usize,
     pub u: usize,
-    pub pipe: bool,
 }
 
-const fn c(mr: usize, nt: usize, ks: usize, u: usize, pipe: bool) -> Config {
-    Config { mr, nt, ks, u, pipe }
+const fn c(mr: usize, nt: usize, ks: usize, u: usize) -> Config {
+    Config { mr, nt, ks, u }
 }
 
 /// The instantiations in `qgemm.cu` (`QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 14] = [
-    c(1, 1, 8, 4, false),
-    c(1, 1, 8, 4, true),
-    c(1, 1, 8, 2, true),
-    c(1, 1, 16, 2, false),
-    c(1, 1, 16, 2, true),
-    c(1, 1, 16, 4, false),
-    c(1, 1, 32, 2, false),
-    c(1, 2, 8, 4, false),
-    c(1, 2, 8, 4, true),
-    c(1, 4, 8, 2, false),
-    c(1, 4, 8, 2, true),
-    c(1, 8, 8, 2, false),
-    c(2, 4, 4, 2, false),
-    c(2, 8, 4, 2, false),
-];
+pub const CONFIGS: [Config; 9] = [c(1, 1, 8, 4), c(1, 1, 16, 2), c(1, 1, 16, 4), c(1, 1, 32, 2), c(1, 2, 8, 4), c(1, 4, 8, 2), c(1, 8, 8, 2), c(2, 4, 4, 2), c(2, 8, 4, 2)];
 
 /// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
 pub fn single_tile_configs() -> impl Iterator<Item = Config> {
     CONFIGS.into_iter().filter(|c| c.nt == 1)
 }
 
-/// Row tiles below which a single-token-tile product splits K over 16 warps instead of 8: with
-/// few blocks per SM, more warps keep more loads in flight.
-const FEW_ROW_TILES: usize = 2 * 132 * 2;
+/// Row tiles from which a single-token-tile product splits K over 8 warps loading 4 tiles
+/// ahead rather than 16 warps loading 2 (`bench cuda --sweep` on the H200: 16 × 2 is fastest
+/// up to 11008 rows, 8 × 4 at 28672).
+const MANY_ROW_TILES: usize = 1024;
 
 /// The configuration for `tokens` (≤ 64) tokens: one token tile per 8 tokens; two row tiles
 /// per block from 17 tokens on (the activations are then re-read less), when the rows allow.
 pub fn config_for(tokens: usize, rows: usize) -> Config {
     let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
-    let mr = if nt >= 4 && rows % 32 == 0 { 2 } else { 1 };
     if nt == 1 {
-        return if rows / 16 < FEW_ROW_TILES { c(1, 1, 16, 2, true) } else { c(1, 1, 8, 4, false) };
+        return if rows / 16 < MANY_ROW_TILES { c(1, 1, 16, 2) } else { c(1, 1, 8, 4) };
     }
-    *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr && !c.pipe).expect("an instantiated configuration")
+    let mr = if nt >= 4 && rows % 32 == 0 { 2 } else { 1 };
+    *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr).expect("an instantiated configuration")
 }
 
 pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
-    format!("{}_b{bits}_m{}_n{}_k{}_u{}_p{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u, c.pipe as u8)
+    format!("{}_b{bits}_m{}_n{}_k{}_u{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
 }
 
 /// `qgemm.cu` compiled for the GPU of `stream`.

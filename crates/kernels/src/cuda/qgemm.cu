@@ -5,8 +5,7 @@
 // Y[tok][row] = sum_k W[row][k] * X[tok][k]; X is f16 [B][K], Y f16 [B][N].
 // A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them
 // (warp w takes tiles w, w+KS, ...), loading U tiles ahead, and add their partial sums in
-// shared memory at the end; the next U tiles and their scales are loaded while the current
-// ones are decoded. Each lane decodes its pairs of weights straight into the A
+// shared memory at the end. Each lane decodes its pairs of weights straight into the A
 // fragments of the mma: PoT as bits(s)·0x10001 + fields (one 32-bit add for two f16
 // weights), INT as ((fields | 0x6400·0x10001) − (1024 + z)) · s.
 
@@ -152,7 +151,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[MR][NT][4], const Sta
     }
 }
 
-template <int BITS, bool POT, int MR, int NT, int KS, int U, bool PIPE>
+template <int BITS, bool POT, int MR, int NT, int KS, int U>
 __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta,
                                            const u16* __restrict__ X, u16* __restrict__ Y,
                                            int N, int K, int B, int tiles_per_group) {
@@ -167,30 +166,12 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[m][nt][j] = 0.f;
 
-    constexpr int STEP = KS * U;
-    Stage<BITS, MR, U> sa;
-    int kt0 = warp;
-    load_stage<BITS, MR, KS, U>(sa, W, meta, rt0, kt0, ktiles, N, tiles_per_group, lane, g);
-    if (PIPE) {
-        // Two stages in flight: the loads of the next step are issued before the current one
-        // is decoded, so a warp keeps memory requests outstanding while it computes.
-        Stage<BITS, MR, U> sb;
-        while (kt0 < ktiles) {
-            load_stage<BITS, MR, KS, U>(sb, W, meta, rt0, kt0 + STEP, ktiles, N, tiles_per_group, lane, g);
-            compute_stage<BITS, POT, MR, NT, KS, U>(acc, sa, X, kt0, ktiles, K, B, g, t);
-            kt0 += STEP;
-            if (kt0 >= ktiles) break;
-            load_stage<BITS, MR, KS, U>(sa, W, meta, rt0, kt0 + STEP, ktiles, N, tiles_per_group, lane, g);
-            compute_stage<BITS, POT, MR, NT, KS, U>(acc, sb, X, kt0, ktiles, K, B, g, t);
-            kt0 += STEP;
-        }
-    } else {
-        // One stage: fewer registers, so more warps per SM hide the latency instead.
-        while (kt0 < ktiles) {
-            compute_stage<BITS, POT, MR, NT, KS, U>(acc, sa, X, kt0, ktiles, K, B, g, t);
-            kt0 += STEP;
-            if (kt0 < ktiles) load_stage<BITS, MR, KS, U>(sa, W, meta, rt0, kt0, ktiles, N, tiles_per_group, lane, g);
-        }
+    // A step loads U tiles and their scales together, then decodes them; more warps per SM
+    // (not deeper per-warp buffering, measured slower) hide the latency.
+    Stage<BITS, MR, U> st;
+    for (int kt0 = warp; kt0 < ktiles; kt0 += KS * U) {
+        load_stage<BITS, MR, KS, U>(st, W, meta, rt0, kt0, ktiles, N, tiles_per_group, lane, g);
+        compute_stage<BITS, POT, MR, NT, KS, U>(acc, st, X, kt0, ktiles, K, B, g, t);
     }
 
     constexpr int E = MR * NT * 4 * 32;
@@ -213,28 +194,23 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
     }
 }
 
-#define QGEMM(NAME, BITS, POT, MR, NT, KS, U, PIPE)                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * KS)                                                \
-        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U##_p##PIPE(const u32* W, const u32* meta, const u16* X, \
-                                                                u16* Y, int N, int K, int B, int tpg) {      \
-        qgemm_body<BITS, POT, MR, NT, KS, U, PIPE>(W, meta, X, Y, N, K, B, tpg);                             \
+#define QGEMM(NAME, BITS, POT, MR, NT, KS, U)                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
+        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U(const u32* W, const u32* meta, const u16* X, \
+                                                      u16* Y, int N, int K, int B, int tpg) {      \
+        qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, X, Y, N, K, B, tpg);                         \
     }
 
-#define QGEMM_CONFIGS(NAME, BITS, POT)    \
-    QGEMM(NAME, BITS, POT, 1, 1, 8, 4, 0)  \
-    QGEMM(NAME, BITS, POT, 1, 1, 8, 4, 1)  \
-    QGEMM(NAME, BITS, POT, 1, 1, 8, 2, 1)  \
-    QGEMM(NAME, BITS, POT, 1, 1, 16, 2, 0) \
-    QGEMM(NAME, BITS, POT, 1, 1, 16, 2, 1) \
-    QGEMM(NAME, BITS, POT, 1, 1, 16, 4, 0) \
-    QGEMM(NAME, BITS, POT, 1, 1, 32, 2, 0) \
-    QGEMM(NAME, BITS, POT, 1, 2, 8, 4, 0)  \
-    QGEMM(NAME, BITS, POT, 1, 2, 8, 4, 1)  \
-    QGEMM(NAME, BITS, POT, 1, 4, 8, 2, 0)  \
-    QGEMM(NAME, BITS, POT, 1, 4, 8, 2, 1)  \
-    QGEMM(NAME, BITS, POT, 1, 8, 8, 2, 0)  \
-    QGEMM(NAME, BITS, POT, 2, 4, 4, 2, 0)  \
-    QGEMM(NAME, BITS, POT, 2, 8, 4, 2, 0)
+#define QGEMM_CONFIGS(NAME, BITS, POT)  \
+    QGEMM(NAME, BITS, POT, 1, 1, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 1, 16, 2) \
+    QGEMM(NAME, BITS, POT, 1, 1, 16, 4) \
+    QGEMM(NAME, BITS, POT, 1, 1, 32, 2) \
+    QGEMM(NAME, BITS, POT, 1, 2, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 4, 8, 2)  \
+    QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
+    QGEMM(NAME, BITS, POT, 2, 4, 4, 2)  \
+    QGEMM(NAME, BITS, POT, 2, 8, 4, 2)
 
 QGEMM_CONFIGS(pot, 2, true)
 QGEMM_CONFIGS(pot, 3, true)
