@@ -10,7 +10,7 @@
 use std::f64::consts::LN_2;
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use potptq_quant::{pot, GroupLayout};
 use serde::{Deserialize, Serialize};
@@ -113,8 +113,12 @@ pub struct LearnedScales {
     /// The starting scales `s`, `[rows, groups]`.
     base: Tensor,
     gamma: Var,
-    /// Column → its group, to spread group scales over columns (ragged last groups included).
+    /// Column → its group, to spread group scales over columns when a ragged last group
+    /// keeps the groups from tiling the rows.
     group_of_col: Tensor,
+    /// `[rows, cols]`, and the group size when the groups tile every row exactly.
+    dims: (usize, usize),
+    tiled_group: Option<usize>,
     qmax: f64,
     adam: Adam,
 }
@@ -146,6 +150,8 @@ impl LearnedScales {
             base: Tensor::from_slice(scales, shape, device)?.to_dtype(source.dtype())?,
             gamma: Var::zeros(shape, source.dtype(), device)?,
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
+            dims: (layout.rows, layout.cols),
+            tiled_group: (layout.cols % layout.group_size == 0).then_some(layout.group_size),
             qmax: pot::qmax(bits) as f64,
             adam: Adam::new(shape, source.dtype(), device)?,
         })
@@ -172,25 +178,45 @@ impl LearnedScales {
     /// With trained weights the rounding passes their gradient straight through:
     /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
     pub fn weight(&self) -> Result<Tensor> {
-        let s = self.scales()?.index_select(&self.group_of_col, 1)?;
+        let s = self.spread(&self.scales()?)?;
         let levels = self.levels(&s.detach())?;
-        let w = s.mul(&levels)?;
+        let w = levels.broadcast_mul(&s)?.reshape(self.dims)?;
         Ok(match &self.source {
             Source::Fixed { .. } => w,
             Source::Trained { weight, .. } => (w + (weight.as_tensor() - weight.as_tensor().detach())?)?,
         })
     }
 
-    /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`.
+    /// Group scales `[rows, groups]` spread over the weights they scale: `[rows, groups, 1]`
+    /// against the weights viewed as `[rows, groups, G]` when the groups tile the rows (a
+    /// broadcast, whose gradient is a sum over each group), else `[rows, cols]` through the
+    /// column → group index (whose gradient is an index-add, slow on a GPU).
+    fn spread(&self, s: &Tensor) -> Result<Tensor> {
+        Ok(match self.tiled_group {
+            Some(_) => s.unsqueeze(2)?,
+            None => s.index_select(&self.group_of_col, 1)?,
+        })
+    }
+
+    /// `[rows, cols]` weights in the shape `spread` pairs them with.
+    fn grouped(&self, w: &Tensor) -> Result<Tensor> {
+        Ok(match self.tiled_group {
+            Some(g) => w.reshape((self.dims.0, self.dims.1 / g, g))?,
+            None => w.clone(),
+        })
+    }
+
+    /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`, for `s` from `spread`, in the shape
+    /// of `grouped`.
     fn levels(&self, s: &Tensor) -> Result<Tensor> {
         let (magnitude, sign) = match &self.source {
-            Source::Fixed { magnitude, sign } => (magnitude.clone(), sign.clone()),
+            Source::Fixed { magnitude, sign } => (self.grouped(magnitude)?, self.grouped(sign)?),
             Source::Trained { weight, .. } => {
-                let w = weight.as_tensor().detach();
+                let w = self.grouped(&weight.as_tensor().detach())?;
                 (w.abs()?, sign_of(&w)?)
             }
         };
-        let e = ((magnitude.div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
+        let e = ((magnitude.broadcast_div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
         // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
         Ok((e * LN_2)?.exp()?.round()?.mul(&sign)?)
     }
@@ -345,6 +371,47 @@ pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales
     Ok(sum / inputs.len().max(1) as f64)
 }
 
+/// Seconds per Step 2 step, by phase (device synchronized between phases).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepProfile {
+    /// `W̃` of the seven linears from the current scales (and weights).
+    pub weights_s: f64,
+    /// The block forward and the loss.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// The Adam updates.
+    pub update_s: f64,
+}
+
+/// Runs `steps` training steps of `refine_block` on the first inputs and times their phases:
+/// where a step's time goes, for `bench step2`. The steps train the scales as usual.
+pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [LearnedScales], inputs: &[Tensor], targets: &[Tensor], opts: &Step2Options, steps: usize) -> Result<StepProfile> {
+    opts.check()?;
+    let device = inputs.first().context("no calibration inputs")?.device().clone();
+    let mut p = StepProfile::default();
+    let lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
+        device.synchronize()?;
+        *acc += t.elapsed().as_secs_f64();
+        *t = Instant::now();
+        Ok(())
+    };
+    for (x, y) in inputs.iter().zip(targets).cycle().take(steps) {
+        let mut t = Instant::now();
+        let w = quantized_weights(fp, scales)?;
+        lap(&mut t, &mut p.weights_s)?;
+        let loss = mse(&graph.forward(&w, x, None)?, y)?;
+        lap(&mut t, &mut p.forward_s)?;
+        let grads = loss.backward()?;
+        lap(&mut t, &mut p.backward_s)?;
+        for s in scales.iter_mut() {
+            s.step(&grads, opts, 1.0)?;
+        }
+        lap(&mut t, &mut p.update_s)?;
+    }
+    let n = steps.max(1) as f64;
+    Ok(StepProfile { weights_s: p.weights_s / n, forward_s: p.forward_s / n, backward_s: p.backward_s / n, update_s: p.update_s / n })
+}
+
 /// Trains the scales of one block (`scales`, one per linear in `BLOCK_LINEARS` order) so that
 /// the quantized block maps `inputs` to `targets`; batches are visited in order every epoch.
 pub fn refine_block(
@@ -423,6 +490,36 @@ mod tests {
 
     /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
     /// with central differences of that function, in f64, for groups of every linear.
+    /// The broadcast spread (groups tiling the rows) and the index spread (ragged groups) give
+    /// the same weights and the same scale gradients.
+    #[test]
+    fn broadcast_and_index_spreads_agree() {
+        let (rows, cols, group) = (5, 96, 32);
+        let w = Tensor::from_vec((0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
+        let layout = GroupLayout::new(rows, cols, group).unwrap();
+        let scales: Vec<f32> = (0..rows * 3).map(|i| 0.004 + 1e-4 * i as f32).collect();
+        let probe = Tensor::from_vec((0..rows * cols).map(|i| ((i * 13 % 7) as f32) - 3.0).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
+        let run = |tiled: bool| {
+            let mut ls = LearnedScales::new(&w, &scales, layout, 3).unwrap().with_trained_weights().unwrap();
+            assert_eq!(ls.tiled_group.is_some(), true);
+            if !tiled {
+                ls.tiled_group = None;
+            }
+            ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap()).unwrap();
+            let wt = ls.weight().unwrap();
+            let grads = (&wt * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<f32> = grads.get(ls.gamma.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            (wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g)
+        };
+        let (w_b, g_b) = run(true);
+        let (w_i, g_i) = run(false);
+        assert_eq!(w_b, w_i);
+        for (a, b) in g_b.iter().zip(&g_i) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{a} vs {b}");
+        }
+        assert!(g_b.iter().any(|g| g.abs() > 1e-4));
+    }
+
     #[test]
     fn block_gradient_matches_finite_differences() {
         let model = tiny_model();
@@ -447,13 +544,13 @@ mod tests {
         // The codes at the current Γ, frozen.
         let frozen: Vec<Tensor> = scales
             .iter()
-            .map(|s| s.levels(&s.scales().unwrap().index_select(&s.group_of_col, 1).unwrap()).unwrap())
+            .map(|s| s.levels(&s.spread(&s.scales().unwrap()).unwrap()).unwrap())
             .collect();
         let loss_at = |scales: &[LearnedScales]| -> f64 {
             let weights: Vec<Tensor> = scales
                 .iter()
                 .zip(&frozen)
-                .map(|(s, lv)| s.scales().unwrap().index_select(&s.group_of_col, 1).unwrap().mul(lv).unwrap())
+                .map(|(s, lv)| s.spread(&s.scales().unwrap()).unwrap().broadcast_mul(lv).unwrap().reshape(s.dims).unwrap())
                 .collect();
             let w = fp.with_weights(weights.try_into().unwrap());
             mse(&graph.forward(&w, &x, None).unwrap(), &target).unwrap().to_scalar::<f64>().unwrap()

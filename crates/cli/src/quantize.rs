@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use potptq_calib::segments::{self, SegmentOptions};
 use potptq_calib::{quantize_model, BlockSummary, Decay, QuantizeOptions, RunState, Schedule, Step2Input, Step2Options, Variant};
 use potptq_model::checkpoint::{self, QuantConfig};
@@ -101,6 +101,10 @@ pub struct Args {
     /// Where Step 2 runs: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// With `--device cuda`: Step 2's f32 matrix products on the tensor cores in TF32 (10-bit
+    /// mantissa inputs, f32 accumulation); everything else stays f32.
+    #[arg(long)]
+    s2_tf32: bool,
     /// Stop after this many blocks of a method (to exercise resuming).
     #[arg(long, hide = true)]
     stop_after_blocks: Option<usize>,
@@ -230,6 +234,9 @@ struct Step2Settings {
     #[serde(default = "default_weight_lr")]
     weight_lr: f64,
     device: String,
+    /// Absent from runs made before it existed.
+    #[serde(default)]
+    tf32: bool,
 }
 
 /// Where a run keeps what it needs to resume: its settings, finished rows, per-block states.
@@ -261,6 +268,8 @@ pub fn run(args: Args) -> Result<()> {
         None => CPU_CALIBRATION,
     };
     let device = device(args.device)?;
+    ensure!(!args.s2_tf32 || args.device == DeviceArg::Cuda, "--s2-tf32 needs --device cuda");
+    candle_core::cuda::set_gemm_reduced_precision_f32(args.s2_tf32);
     let path = model_path(args.model.clone())?;
     let loaded = potptq_model::load(&path)?;
     let fp = &loaded.model;
@@ -298,6 +307,7 @@ pub fn run(args: Args) -> Result<()> {
         weight_lr: args.s2_weight_lr,
         keep_better: args.s2_keep_better,
         device: if args.device == DeviceArg::Cuda { "cuda" } else { "cpu" }.into(),
+        tf32: args.s2_tf32,
     };
     let default_epochs = |bits: u8| match args.protocol {
         Some(Protocol::Paper) => Step2Options::paper(bits).epochs,

@@ -38,6 +38,10 @@ pub struct CudaArgs {
     /// Skip the decode-step measurement.
     #[arg(long)]
     no_decode: bool,
+    /// Also time every single-token-tile kernel configuration at batch 1 (`sweep` in the JSON):
+    /// the data behind the configuration `config_for` picks.
+    #[arg(long)]
+    sweep: bool,
     #[arg(long)]
     json: bool,
 }
@@ -63,7 +67,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
 use half::f16;
-use potptq_kernels::cuda::gpu::{GpuMatrix, Kernels};
+use potptq_kernels::cuda::gpu::{kernel_name, single_tile_configs, GpuMatrix, Kernels};
 use potptq_kernels::cuda::GpuLayout;
 use potptq_quant::Format;
 use rayon::prelude::*;
@@ -206,6 +210,7 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
 
     let max_b = a.batch.iter().copied().max().unwrap_or(1);
     let mut rows_out = Vec::new();
+    let mut sweep = Vec::new();
     for (si, shape) in a.shapes.iter().enumerate() {
         let (n, k) = parse_shape(shape)?;
         let x = stream.clone_htod(&random_f16(max_b * k, 7 + si as u64, 1.0))?;
@@ -240,6 +245,16 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
                 let mut t = Vec::new();
                 for &b in &a.batch {
                     t.push(timer.time(|i| unsafe { kernels.matmul_raw(&ms[i % ms.len()], xp, yp, b) })?);
+                }
+                if a.sweep {
+                    for c in single_tile_configs() {
+                        let s = timer.time(|i| unsafe { kernels.matmul_raw_with(&ms[i % ms.len()], xp, yp, 1, Some(c)) })?;
+                        let name = kernel_name(format == Format::Pot, bits, c);
+                        if !a.json {
+                            println!("sweep {shape} {name}: {:.2} µs, {:.0} GB/s", s * 1e6, l.weight_bytes() as f64 / s / 1e9);
+                        }
+                        sweep.push(json!({"shape": shape, "bits": bits, "kernel": name, "us": s * 1e6, "gbs": l.weight_bytes() as f64 / s / 1e9}));
+                    }
                 }
                 quant.push((l.weight_bytes(), t));
             }
@@ -276,7 +291,7 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     print_json(&json!({
         "device": name, "compute_capability": format!("{maj}.{min}"), "nvrtc_compile_s": compile_s,
         "copy_gbs": copy_gbs, "group_size": a.group_size, "calls_per_graph": a.calls, "reps": a.reps,
-        "working_set_mb": a.working_set_mb, "products": rows_out, "decode": decode,
+        "working_set_mb": a.working_set_mb, "products": rows_out, "decode": decode, "sweep": sweep,
     }));
     Ok(())
 }

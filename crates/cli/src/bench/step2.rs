@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
 use potptq_calib::graph::{BlockGraph, BlockWeights};
-use potptq_calib::step2::{block_loss, refine_block, LearnedScales};
+use potptq_calib::step2::{block_loss, profile_steps, refine_block, LearnedScales};
 use potptq_calib::Step2Options;
 use potptq_model::config::Arch;
 use potptq_model::llama::{Rope, BLOCK_LINEARS};
@@ -52,6 +52,15 @@ pub struct Step2Args {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On cuda: the f32 matrix products in TF32 on the tensor cores.
+    #[arg(long)]
+    tf32: bool,
+    /// Train the weights too (the `+tw` methods), with this Adam learning rate.
+    #[arg(long)]
+    weight_lr: Option<f64>,
+    /// Steps timed phase by phase after the epochs (0: none).
+    #[arg(long, default_value_t = 8)]
+    profile_steps: usize,
     #[arg(long)]
     json: bool,
 }
@@ -67,6 +76,8 @@ pub fn run(a: Step2Args) -> Result<()> {
         "cuda" => bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
         other => bail!("--device {other}: cpu or cuda"),
     };
+    ensure!(!a.tf32 || matches!(device, Device::Cuda(_)), "--tf32 needs --device cuda");
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     ensure!(a.hidden % a.heads == 0, "hidden size {} is not a multiple of {} heads", a.hidden, a.heads);
     ensure!(a.segments > 0 && a.epochs > 0, "need segments and epochs");
     let cfg = Config {
@@ -98,7 +109,8 @@ pub fn run(a: Step2Args) -> Result<()> {
         // on the CPU and is not what is timed here).
         let s0 = (w.abs()?.reshape((r, c / a.group_size, a.group_size))?.max(D::Minus1)? / qmax)?;
         let s: Vec<f32> = s0.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| half::f16::from_f32(v.max(1e-4)).to_f32()).collect();
-        scales.push(LearnedScales::new(&w, &s, GroupLayout::new(r, c, a.group_size)?, a.bits)?);
+        let ls = LearnedScales::new(&w, &s, GroupLayout::new(r, c, a.group_size)?, a.bits)?;
+        scales.push(if a.weight_lr.is_some() { ls.with_trained_weights()? } else { ls });
         weights.push(w);
     }
     let fp = BlockWeights {
@@ -120,9 +132,10 @@ pub fn run(a: Step2Args) -> Result<()> {
     sync(&device)?;
     let loss_s = t.elapsed().as_secs_f64();
 
-    let opts = Step2Options { epochs: a.epochs, ..Step2Options::paper(a.bits) };
+    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, ..Step2Options::paper(a.bits) };
     let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts)?;
     sync(&device)?;
+    let profile = if a.profile_steps > 0 { Some(profile_steps(&graph, &fp, &mut scales, &inputs, &targets, &opts, a.profile_steps)?) } else { None };
     let refine_s = report.seconds;
     let epoch_s = ((refine_s - 2.0 * loss_s) / a.epochs as f64).max(0.0);
     let target_epochs = a.target_epochs.unwrap_or(Step2Options::paper(a.bits).epochs);
@@ -131,14 +144,25 @@ pub fn run(a: Step2Args) -> Result<()> {
     let device_name = device_name(&device);
     if !a.json {
         println!(
-            "Step 2 on {device_name}: block {}×{} (MLP {}), {} segments × {} tokens, {} bits: pass {pass_s:.2} s, loss {loss_s:.2} s, {} epochs {refine_s:.1} s ({epoch_s:.2} s/epoch); loss {loss0:.3e} → {:.3e}",
+            "Step 2 on {device_name}{}: block {}×{} (MLP {}), {} segments × {} tokens, {} bits: pass {pass_s:.2} s, loss {loss_s:.2} s, {} epochs {refine_s:.1} s ({epoch_s:.2} s/epoch); loss {loss0:.3e} → {:.3e}",
+            if a.tf32 { " (TF32 products)" } else { "" },
             a.hidden, a.heads, a.intermediate, a.segments, a.seq_len, a.bits, a.epochs, report.loss_after
         );
         println!("projected: {block_s:.1} s per block with {target_epochs} epochs, {:.1} min for {} blocks", total_s / 60.0, a.blocks);
+        if let Some(p) = profile {
+            println!(
+                "per step ({} steps): W̃ {:.1} ms, forward + loss {:.1} ms, backward {:.1} ms, Adam {:.1} ms",
+                a.profile_steps,
+                p.weights_s * 1e3,
+                p.forward_s * 1e3,
+                p.backward_s * 1e3,
+                p.update_s * 1e3
+            );
+        }
     }
     print_json(&json!({
         "device": device_name, "hidden": a.hidden, "heads": a.heads, "intermediate": a.intermediate,
-        "segments": a.segments, "seq_len": a.seq_len, "bits": a.bits, "group_size": a.group_size,
+        "segments": a.segments, "seq_len": a.seq_len, "bits": a.bits, "tf32": a.tf32, "weight_lr": a.weight_lr, "step_profile": profile, "group_size": a.group_size,
         "epochs_run": a.epochs, "stream_pass_s": pass_s, "loss_eval_s": loss_s, "refine_s": refine_s,
         "epoch_s": epoch_s, "loss_before": report.loss_before, "loss_after": report.loss_after,
         "epoch_losses": report.epoch_losses, "target_epochs": target_epochs,
@@ -166,15 +190,19 @@ mod tests {
             target_epochs: None,
             blocks: 3,
             device: "cpu".into(),
+            tf32: false,
+            weight_lr: Some(1e-3),
+            profile_steps: 2,
             json: true,
         };
         run(a).unwrap();
         assert!(run(Step2Args { device: "tpu".into(), ..tiny() }).is_err());
         assert!(run(Step2Args { group_size: 48, ..tiny() }).is_err());
+        assert!(run(Step2Args { tf32: true, ..tiny() }).is_err(), "TF32 is a GPU setting");
     }
 
     fn tiny() -> Step2Args {
-        Step2Args { hidden: 64, heads: 4, intermediate: 128, segments: 1, seq_len: 4, bits: 2, group_size: 32, epochs: 1, target_epochs: None, blocks: 1, device: "cpu".into(), json: true }
+        Step2Args { hidden: 64, heads: 4, intermediate: 128, segments: 1, seq_len: 4, bits: 2, group_size: 32, epochs: 1, target_epochs: None, blocks: 1, device: "cpu".into(), tf32: false, weight_lr: None, profile_steps: 1, json: true }
     }
 }
 

@@ -23,20 +23,30 @@ pub struct Config {
     pub u: usize,
 }
 
+const fn c(mr: usize, nt: usize, ks: usize, u: usize) -> Config {
+    Config { mr, nt, ks, u }
+}
+
 /// The instantiations in `qgemm.cu` (`QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 6] = [
-    Config { mr: 1, nt: 1, ks: 8, u: 4 },
-    Config { mr: 1, nt: 2, ks: 8, u: 4 },
-    Config { mr: 1, nt: 4, ks: 8, u: 2 },
-    Config { mr: 1, nt: 8, ks: 8, u: 2 },
-    Config { mr: 2, nt: 4, ks: 4, u: 2 },
-    Config { mr: 2, nt: 8, ks: 4, u: 2 },
-];
+pub const CONFIGS: [Config; 9] = [c(1, 1, 8, 4), c(1, 1, 16, 2), c(1, 1, 16, 4), c(1, 1, 32, 2), c(1, 2, 8, 4), c(1, 4, 8, 2), c(1, 8, 8, 2), c(2, 4, 4, 2), c(2, 8, 4, 2)];
+
+/// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
+pub fn single_tile_configs() -> impl Iterator<Item = Config> {
+    CONFIGS.into_iter().filter(|c| c.nt == 1)
+}
+
+/// Row tiles from which a single-token-tile product splits K over 8 warps loading 4 tiles
+/// ahead rather than 16 warps loading 2 (`bench cuda --sweep` on the H200: 16 × 2 is fastest
+/// up to 11008 rows, 8 × 4 at 28672).
+const MANY_ROW_TILES: usize = 1024;
 
 /// The configuration for `tokens` (≤ 64) tokens: one token tile per 8 tokens; two row tiles
 /// per block from 17 tokens on (the activations are then re-read less), when the rows allow.
 pub fn config_for(tokens: usize, rows: usize) -> Config {
     let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
+    if nt == 1 {
+        return if rows / 16 < MANY_ROW_TILES { c(1, 1, 16, 2) } else { c(1, 1, 8, 4) };
+    }
     let mr = if nt >= 4 && rows % 32 == 0 { 2 } else { 1 };
     *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr).expect("an instantiated configuration")
 }
@@ -120,14 +130,23 @@ impl Kernels {
     /// # Safety
     /// `x` and `y` must point to at least `tokens·cols` and `tokens·rows` f16 on this device.
     pub unsafe fn matmul_raw(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize) -> Result<()> {
+        self.matmul_raw_with(w, x, y, tokens, None)
+    }
+
+    /// `matmul_raw` with a chosen configuration for every chunk (`None`: `config_for`).
+    ///
+    /// # Safety
+    /// As `matmul_raw`.
+    pub unsafe fn matmul_raw_with(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize, config: Option<Config>) -> Result<()> {
         ensure!(tokens > 0, "no tokens");
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
         let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / super::layout::TILE_COLS) as i32);
         let mut done = 0;
         while done < tokens {
-            let b = (tokens - done).min(MAX_TOKENS);
-            let c = config_for(b, w.rows);
+            let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
+            let c = config.unwrap_or_else(|| config_for(b, w.rows));
+            ensure!(w.rows % (16 * c.mr) == 0, "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * 2) as u64, y + (done * w.rows * 2) as u64);
             let bi = b as i32;

@@ -22,6 +22,12 @@ __device__ __forceinline__ u32 ld_stream(const u32* p) {
     return v;
 }
 
+__device__ __forceinline__ u32 ld_nc(const u32* p) {
+    u32 v;
+    asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     u32 d;
     asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -63,6 +69,88 @@ __device__ __forceinline__ u32 fields(const u32 (&w)[BITS], int p) {
     return f;
 }
 
+// The codes and group parameters of the U tiles of one step of a warp (tiles kt0 + u·KS).
+template <int BITS, int MR, int U>
+struct Stage {
+    u32 w[U][MR][BITS];
+    u32 meta[U][MR][2];
+};
+
+template <int BITS, int MR, int KS, int U>
+__device__ __forceinline__ void load_stage(Stage<BITS, MR, U>& st, const u32* __restrict__ W, const u32* __restrict__ meta,
+                                           int rt0, int kt0, int ktiles, int N, int tiles_per_group, int lane, int g) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int kt = kt0 + u * KS;
+        if (kt < ktiles) {
+            const int grp = kt / tiles_per_group;
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+#pragma unroll
+                for (int i = 0; i < BITS; i++)
+                    st.w[u][m][i] = ld_stream(W + ((size_t)((rt0 + m) * ktiles + kt) * BITS + i) * 32 + lane);
+                const u32* mp = meta + (size_t)grp * N + (rt0 + m) * 16 + g;
+                st.meta[u][m][0] = ld_nc(mp);
+                st.meta[u][m][1] = ld_nc(mp + 8);
+            }
+        }
+    }
+}
+
+template <int BITS, bool POT, int MR, int NT, int KS, int U>
+__device__ __forceinline__ void compute_stage(float (&acc)[MR][NT][4], const Stage<BITS, MR, U>& st, const u16* __restrict__ X,
+                                              int kt0, int ktiles, int K, int B, int g, int t) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int kt = kt0 + u * KS;
+        if (kt < ktiles) {
+            u32 s_lo[MR], s_hi[MR], z_lo[MR], z_hi[MR];
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+                const u32 a = st.meta[u][m][0], b = st.meta[u][m][1];
+                s_lo[m] = (a & 0xFFFFu) * 0x10001u;
+                s_hi[m] = (b & 0xFFFFu) * 0x10001u;
+                z_lo[m] = (a >> 16) * 0x10001u;
+                z_hi[m] = (b >> 16) * 0x10001u;
+            }
+#pragma unroll
+            for (int step = 0; step < 4; step++) {
+                u32 bf[NT][2];
+                const int k = kt * 64 + step * 16 + 2 * t;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const int n = nt * 8 + g;
+                    if (n < B) {
+                        const u32* xp = (const u32*)(X + (size_t)n * K + k);
+                        bf[nt][0] = __ldg(xp);
+                        bf[nt][1] = __ldg(xp + 4);
+                    } else {
+                        bf[nt][0] = 0u;
+                        bf[nt][1] = 0u;
+                    }
+                }
+#pragma unroll
+                for (int m = 0; m < MR; m++) {
+                    u32 a[4];
+#pragma unroll
+                    for (int reg = 0; reg < 4; reg++) {
+                        const u32 f = fields<BITS, POT>(st.w[u][m], step * 4 + reg);
+                        const u32 s2 = (reg & 1) ? s_hi[m] : s_lo[m];
+                        if (POT) {
+                            a[reg] = s2 + f;
+                        } else {
+                            const u32 z2 = (reg & 1) ? z_hi[m] : z_lo[m];
+                            a[reg] = hmul2(hsub2(f | 0x64006400u, z2), s2);
+                        }
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) mma16816(acc[m][nt], a, bf[nt][0], bf[nt][1]);
+                }
+            }
+        }
+    }
+}
+
 template <int BITS, bool POT, int MR, int NT, int KS, int U>
 __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta,
                                            const u16* __restrict__ X, u16* __restrict__ Y,
@@ -78,70 +166,12 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[m][nt][j] = 0.f;
 
+    // A step loads U tiles and their scales together, then decodes them; more warps per SM
+    // (not deeper per-warp buffering, measured slower) hide the latency.
+    Stage<BITS, MR, U> st;
     for (int kt0 = warp; kt0 < ktiles; kt0 += KS * U) {
-        u32 w[U][MR][BITS];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int kt = kt0 + u * KS;
-            if (kt < ktiles) {
-#pragma unroll
-                for (int m = 0; m < MR; m++)
-#pragma unroll
-                    for (int i = 0; i < BITS; i++)
-                        w[u][m][i] = ld_stream(W + ((size_t)((rt0 + m) * ktiles + kt) * BITS + i) * 32 + lane);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int kt = kt0 + u * KS;
-            if (kt < ktiles) {
-                const int grp = kt / tiles_per_group;
-                u32 s_lo[MR], s_hi[MR], z_lo[MR], z_hi[MR];
-#pragma unroll
-                for (int m = 0; m < MR; m++) {
-                    const int row = (rt0 + m) * 16 + g;
-                    const u32 a = __ldg(meta + (size_t)grp * N + row), b = __ldg(meta + (size_t)grp * N + row + 8);
-                    s_lo[m] = (a & 0xFFFFu) * 0x10001u;
-                    s_hi[m] = (b & 0xFFFFu) * 0x10001u;
-                    z_lo[m] = (a >> 16) * 0x10001u;
-                    z_hi[m] = (b >> 16) * 0x10001u;
-                }
-#pragma unroll
-                for (int step = 0; step < 4; step++) {
-                    u32 bf[NT][2];
-                    const int k = kt * 64 + step * 16 + 2 * t;
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        const int n = nt * 8 + g;
-                        if (n < B) {
-                            const u32* xp = (const u32*)(X + (size_t)n * K + k);
-                            bf[nt][0] = __ldg(xp);
-                            bf[nt][1] = __ldg(xp + 4);
-                        } else {
-                            bf[nt][0] = 0u;
-                            bf[nt][1] = 0u;
-                        }
-                    }
-#pragma unroll
-                    for (int m = 0; m < MR; m++) {
-                        u32 a[4];
-#pragma unroll
-                        for (int reg = 0; reg < 4; reg++) {
-                            const u32 f = fields<BITS, POT>(w[u][m], step * 4 + reg);
-                            const u32 s2 = (reg & 1) ? s_hi[m] : s_lo[m];
-                            if (POT) {
-                                a[reg] = s2 + f;
-                            } else {
-                                const u32 z2 = (reg & 1) ? z_hi[m] : z_lo[m];
-                                a[reg] = hmul2(hsub2(f | 0x64006400u, z2), s2);
-                            }
-                        }
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) mma16816(acc[m][nt], a, bf[nt][0], bf[nt][1]);
-                    }
-                }
-            }
-        }
+        load_stage<BITS, MR, KS, U>(st, W, meta, rt0, kt0, ktiles, N, tiles_per_group, lane, g);
+        compute_stage<BITS, POT, MR, NT, KS, U>(acc, st, X, kt0, ktiles, K, B, g, t);
     }
 
     constexpr int E = MR * NT * 4 * 32;
@@ -171,12 +201,15 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
         qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, X, Y, N, K, B, tpg);                         \
     }
 
-#define QGEMM_CONFIGS(NAME, BITS, POT) \
-    QGEMM(NAME, BITS, POT, 1, 1, 8, 4) \
-    QGEMM(NAME, BITS, POT, 1, 2, 8, 4) \
-    QGEMM(NAME, BITS, POT, 1, 4, 8, 2) \
-    QGEMM(NAME, BITS, POT, 1, 8, 8, 2) \
-    QGEMM(NAME, BITS, POT, 2, 4, 4, 2) \
+#define QGEMM_CONFIGS(NAME, BITS, POT)  \
+    QGEMM(NAME, BITS, POT, 1, 1, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 1, 16, 2) \
+    QGEMM(NAME, BITS, POT, 1, 1, 16, 4) \
+    QGEMM(NAME, BITS, POT, 1, 1, 32, 2) \
+    QGEMM(NAME, BITS, POT, 1, 2, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 4, 8, 2)  \
+    QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
+    QGEMM(NAME, BITS, POT, 2, 4, 4, 2)  \
     QGEMM(NAME, BITS, POT, 2, 8, 4, 2)
 
 QGEMM_CONFIGS(pot, 2, true)
