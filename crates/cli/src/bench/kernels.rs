@@ -4,7 +4,9 @@
 //!
 //! Each timed call reads a different copy of the weights, cycling through enough copies to
 //! fill `--working-set-mb`: a decode step reads every layer once, so the weights come from
-//! memory, not from a cache that a loop over one matrix would keep warm.
+//! memory, not from a cache that a loop over one matrix would keep warm. The packed kernels of
+//! one shape and width run in turn, call by call, so that their ratios do not depend on when
+//! the machine was busy.
 
 use std::time::Instant;
 
@@ -86,17 +88,35 @@ struct Timed {
     bytes: usize,
 }
 
-fn time_packed(m: &PackedMatrix, kernels: &[(Option<PotDecode>, Activations)], x: &[f32], tokens: usize, args: &KernelArgs) -> Result<Vec<Timed>> {
-    let copies: Vec<PackedMatrix> = (0..copies_for(m.weight_bytes(), args.working_set_mb)).map(|_| m.clone()).collect();
-    let mut y = vec![0f32; tokens * m.rows()];
-    kernels
+/// PoT and INT kernels on `pot` and `int` timed call by call in turn, so that load changing
+/// during the run lands on every kernel alike and their ratios stay fair: seconds per kernel,
+/// PoT's then INT's, medians.
+fn time_packed(pot: &PackedMatrix, int: &PackedMatrix, pot_kernels: &[(Option<PotDecode>, Activations)], int_kernels: &[(Option<PotDecode>, Activations)], x: &[f32], tokens: usize, args: &KernelArgs) -> Result<(Vec<Timed>, Vec<Timed>)> {
+    let copies = |m: &PackedMatrix| -> Vec<PackedMatrix> { (0..copies_for(m.weight_bytes(), args.working_set_mb)).map(|_| m.clone()).collect() };
+    let (pot_copies, int_copies) = (copies(pot), copies(int));
+    let variants: Vec<(&[PackedMatrix], Kernel)> = pot_kernels
         .iter()
-        .map(|&(pot_decode, activations)| {
-            let kernel = Kernel { isa: Isa::best(), pot_decode, activations };
-            let seconds = time_cycling(copies.len(), args.reps, |i| matmul_with(kernel, &copies[i], x, tokens, &mut y))?;
-            Ok(Timed { seconds, bytes: m.weight_bytes() })
-        })
-        .collect()
+        .map(|&(pot_decode, activations)| (&pot_copies[..], Kernel { isa: Isa::best(), pot_decode, activations }))
+        .chain(int_kernels.iter().map(|&(pot_decode, activations)| (&int_copies[..], Kernel { isa: Isa::best(), pot_decode, activations })))
+        .collect();
+    let mut y = vec![0f32; tokens * pot.rows()];
+    for (ms, kernel) in &variants {
+        for m in ms.iter() {
+            matmul_with(*kernel, m, x, tokens, &mut y)?;
+        }
+    }
+    let calls = args.reps.max(pot_copies.len()).max(int_copies.len());
+    let mut times = vec![Vec::with_capacity(calls); variants.len()];
+    for i in 0..calls {
+        for ((ms, kernel), t) in variants.iter().zip(&mut times) {
+            let start = Instant::now();
+            matmul_with(*kernel, &ms[i % ms.len()], x, tokens, &mut y)?;
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut timed: Vec<Timed> = times.into_iter().zip(&variants).map(|(t, (ms, _))| Timed { seconds: median(t), bytes: ms[0].weight_bytes() }).collect();
+    let int_timed = timed.split_off(pot_kernels.len());
+    Ok((timed, int_timed))
 }
 
 fn time_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize, args: &KernelArgs) -> Result<Timed> {
@@ -150,8 +170,7 @@ pub fn run(args: KernelArgs) -> Result<()> {
                     vec![(Some(PotDecode::Lut), f)]
                 };
                 let int_kernels: Vec<_> = if gemv { vec![(None, f), (None, Activations::Q8)] } else { vec![(None, f)] };
-                let pot_t = time_packed(&pot, &pot_kernels, &x, tokens, &args)?;
-                let int_t = time_packed(&int, &int_kernels, &x, tokens, &args)?;
+                let (pot_t, int_t) = time_packed(&pot, &int, &pot_kernels, &int_kernels, &x, tokens, &args)?;
                 let chosen = PotDecode::chosen(bits);
                 let lut = &pot_t[0];
                 let bitadd = pot_t.get(1);
