@@ -1,6 +1,7 @@
 //! Quantizing a whole model: calibration data, the methods, and the block-by-block pipeline.
 
 pub mod blockwise;
+pub mod fakequant;
 pub mod graph;
 pub mod methods;
 pub mod rotate;

@@ -130,8 +130,8 @@ struct Start {
 }
 
 enum Source {
-    /// `|W|` and `sign(W)` (+1 at zero).
-    Fixed { magnitude: Tensor, sign: Tensor },
+    /// `W`, held.
+    Fixed { weight: Tensor },
     /// `W` itself, moved by its own Adam.
     Trained { weight: Var, adam: Adam },
 }
@@ -146,7 +146,7 @@ impl LearnedScales {
         let group_of_col: Vec<u32> = (0..layout.cols).map(|c| (c / layout.group_size) as u32).collect();
         let shape = (layout.rows, groups);
         Ok(Self {
-            source: Source::Fixed { magnitude: source.abs()?, sign: sign_of(source)? },
+            source: Source::Fixed { weight: source.clone() },
             base: Tensor::from_slice(scales, shape, device)?.to_dtype(source.dtype())?,
             gamma: Var::zeros(shape, source.dtype(), device)?,
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
@@ -159,8 +159,8 @@ impl LearnedScales {
 
     /// Trains the source weights too (see `Step2Options::weight_lr`).
     pub fn with_trained_weights(mut self) -> Result<Self> {
-        if let Source::Fixed { magnitude, sign } = &self.source {
-            let w = magnitude.mul(sign)?;
+        if let Source::Fixed { weight } = &self.source {
+            let w = weight.copy()?;
             let (rows, cols) = w.dims2()?;
             let adam = Adam::new((rows, cols), w.dtype(), w.device())?;
             self.source = Source::Trained { weight: Var::from_tensor(&w)?, adam };
@@ -179,12 +179,24 @@ impl LearnedScales {
     /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
     pub fn weight(&self) -> Result<Tensor> {
         let s = self.spread(&self.scales()?)?;
-        let levels = self.levels(&s.detach())?;
-        let w = levels.broadcast_mul(&s)?.reshape(self.dims)?;
+        // One fused pass when the groups tile the rows (f32); the tensor-op form otherwise.
+        let w = match self.tiled_group {
+            Some(_) if self.base.dtype() == DType::F32 => crate::fakequant::pot_fake_quant(&self.grouped(&self.source_tensor())?, &s, self.qmax as u32)?,
+            _ => self.levels(&s.detach())?.broadcast_mul(&s)?,
+        }
+        .reshape(self.dims)?;
         Ok(match &self.source {
             Source::Fixed { .. } => w,
             Source::Trained { weight, .. } => (w + (weight.as_tensor() - weight.as_tensor().detach())?)?,
         })
+    }
+
+    /// The weights the codes are rounded from, outside the graph.
+    fn source_tensor(&self) -> Tensor {
+        match &self.source {
+            Source::Fixed { weight } => weight.clone(),
+            Source::Trained { weight, .. } => weight.as_tensor().detach(),
+        }
     }
 
     /// Group scales `[rows, groups]` spread over the weights they scale: `[rows, groups, 1]`
@@ -209,13 +221,8 @@ impl LearnedScales {
     /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`, for `s` from `spread`, in the shape
     /// of `grouped`.
     fn levels(&self, s: &Tensor) -> Result<Tensor> {
-        let (magnitude, sign) = match &self.source {
-            Source::Fixed { magnitude, sign } => (self.grouped(magnitude)?, self.grouped(sign)?),
-            Source::Trained { weight, .. } => {
-                let w = self.grouped(&weight.as_tensor().detach())?;
-                (w.abs()?, sign_of(&w)?)
-            }
-        };
+        let w = self.grouped(&self.source_tensor())?;
+        let (magnitude, sign) = (w.abs()?, sign_of(&w)?);
         let e = ((magnitude.broadcast_div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
         // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
         Ok((e * LN_2)?.exp()?.round()?.mul(&sign)?)
@@ -240,7 +247,7 @@ impl LearnedScales {
     /// The weights the final codes are rounded from, row-major `[rows, cols]`.
     pub fn source_weights(&self) -> Result<Vec<f32>> {
         let w = match &self.source {
-            Source::Fixed { magnitude, sign } => magnitude.mul(sign)?,
+            Source::Fixed { weight } => weight.clone(),
             Source::Trained { weight, .. } => weight.as_tensor().clone(),
         };
         Ok(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
