@@ -118,6 +118,7 @@ pub struct LearnedScales {
     group_of_col: Tensor,
     /// `[rows, cols]`, and the group size when the groups tile every row exactly.
     dims: (usize, usize),
+    group_size: usize,
     tiled_group: Option<usize>,
     qmax: f64,
     adam: Adam,
@@ -151,6 +152,7 @@ impl LearnedScales {
             gamma: Var::zeros(shape, source.dtype(), device)?,
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
             dims: (layout.rows, layout.cols),
+            group_size: layout.group_size,
             tiled_group: (layout.cols % layout.group_size == 0).then_some(layout.group_size),
             qmax: pot::qmax(bits) as f64,
             adam: Adam::new(shape, source.dtype(), device)?,
@@ -178,13 +180,14 @@ impl LearnedScales {
     /// With trained weights the rounding passes their gradient straight through:
     /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
     pub fn weight(&self) -> Result<Tensor> {
-        let s = self.spread(&self.scales()?)?;
-        // One fused pass when the groups tile the rows (f32); the tensor-op form otherwise.
-        let w = match self.tiled_group {
-            Some(_) if self.base.dtype() == DType::F32 => crate::fakequant::pot_fake_quant(&self.grouped(&self.source_tensor())?, &s, self.qmax as u32)?,
-            _ => self.levels(&s.detach())?.broadcast_mul(&s)?,
-        }
-        .reshape(self.dims)?;
+        let s = self.scales()?;
+        // One fused pass in f32; the tensor-op form otherwise.
+        let w = if self.base.dtype() == DType::F32 {
+            crate::fakequant::pot_fake_quant(&self.source_tensor().contiguous()?, &s, self.group_size, self.qmax as u32)?
+        } else {
+            let s = self.spread(&s)?;
+            self.levels(&s.detach())?.broadcast_mul(&s)?.reshape(self.dims)?
+        };
         Ok(match &self.source {
             Source::Fixed { .. } => w,
             Source::Trained { weight, .. } => (w + (weight.as_tensor() - weight.as_tensor().detach())?)?,
@@ -497,8 +500,9 @@ mod tests {
 
     /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
     /// with central differences of that function, in f64, for groups of every linear.
-    /// The broadcast spread (groups tiling the rows) and the index spread (ragged groups) give
-    /// the same weights and the same scale gradients.
+    /// In the tensor-op form (f64), the broadcast spread (groups tiling the rows) and the index
+    /// spread (ragged groups) give the same weights and the same scale gradients, and they equal
+    /// the fused f32 op's.
     #[test]
     fn broadcast_and_index_spreads_agree() {
         let (rows, cols, group) = (5, 96, 32);
@@ -506,23 +510,29 @@ mod tests {
         let layout = GroupLayout::new(rows, cols, group).unwrap();
         let scales: Vec<f32> = (0..rows * 3).map(|i| 0.004 + 1e-4 * i as f32).collect();
         let probe = Tensor::from_vec((0..rows * cols).map(|i| ((i * 13 % 7) as f32) - 3.0).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
-        let run = |tiled: bool| {
-            let mut ls = LearnedScales::new(&w, &scales, layout, 3).unwrap().with_trained_weights().unwrap();
+        // dtype, and whether the groups may be spread by broadcast.
+        let run = |dtype: DType, tiled: bool| {
+            let mut ls = LearnedScales::new(&w.to_dtype(dtype).unwrap(), &scales, layout, 3).unwrap().with_trained_weights().unwrap();
             assert_eq!(ls.tiled_group.is_some(), true);
             if !tiled {
                 ls.tiled_group = None;
             }
-            ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap()).unwrap();
+            ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
             let wt = ls.weight().unwrap();
-            let grads = (&wt * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g: Vec<f32> = grads.get(ls.gamma.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            (wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g)
+            let grads = (&wt * &probe.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<f64> = grads.get(ls.gamma.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            (wt.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
         };
-        let (w_b, g_b) = run(true);
-        let (w_i, g_i) = run(false);
+        let (w_b, g_b) = run(DType::F64, true);
+        let (w_i, g_i) = run(DType::F64, false);
+        let (w_f, g_f) = run(DType::F32, true);
         assert_eq!(w_b, w_i);
-        for (a, b) in g_b.iter().zip(&g_i) {
-            assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{a} vs {b}");
+        for ((a, b), f) in g_b.iter().zip(&g_i).zip(&g_f) {
+            assert!((a - b).abs() <= 1e-9 * a.abs().max(1e-3), "{a} vs {b}");
+            assert!((a - f).abs() <= 1e-4 * a.abs().max(1e-2), "f64 {a} vs fused f32 {f}");
+        }
+        for (a, f) in w_b.iter().zip(&w_f) {
+            assert!((a - f).abs() <= 1e-6 * a.abs(), "f64 {a} vs fused f32 {f}");
         }
         assert!(g_b.iter().any(|g| g.abs() > 1e-4));
     }
