@@ -198,7 +198,7 @@ mod tests {
             eprintln!("no CUDA device: the GPU kernel is not tested");
             return;
         };
-        let (rows, cols, group) = (64, 1000, 128);
+        let (rows, cols, group) = (64usize, 1000usize, 128usize);
         let (n, groups) = (rows * cols, cols.div_ceil(group));
         let w: Vec<f32> = (0..n).map(|i| (((i * 2654435761usize) % 100003) as f32 / 100003.0 - 0.5) * 0.1).collect();
         let s: Vec<f32> = (0..rows * groups).map(|i| 1e-3 + 1e-5 * (i % 97) as f32).collect();
