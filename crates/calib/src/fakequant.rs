@@ -71,6 +71,9 @@ impl CustomOp2 for FakeQuant {
         let s = &s[l2.start_offset()..l2.start_offset() + rows * groups];
         let qmax = self.qmax as f32;
         let mut out = vec![0f32; rows * cols];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
         out.par_chunks_mut(cols).zip(w.par_chunks(cols)).zip(s.par_chunks(groups)).for_each(|((o, row), sr)| {
             for ((og, wg), &sg) in o.chunks_mut(self.group).zip(row.chunks(self.group)).zip(sr) {
                 for (o, &v) in og.iter_mut().zip(wg) {
@@ -98,8 +101,9 @@ impl CustomOp2 for FakeQuant {
         let (n64, cols32, groups32, group32, qmax, inv_ln2) = (n as u64, cols as u32, groups as u32, self.group as u32, self.qmax as f32, (1.0 / LN_2) as f32);
         let mut b = func.builder();
         b.arg(&w).arg(&s).arg(&out).arg(&n64).arg(&cols32).arg(&groups32).arg(&group32).arg(&qmax).arg(&inv_ln2);
-        let cfg = LaunchConfig { grid_dim: (((n as u32).div_ceil(256)).min(132 * 16), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the pointers hold n weights and n / group scales, checked above.
+        // Grid-stride: any grid covers every weight; this one fills an H200-sized GPU.
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `w` and `out` hold rows·cols weights and `s` rows·groups scales, checked above.
         unsafe { b.launch(cfg) }.w()?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
@@ -225,9 +229,15 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let w = Tensor::zeros((2, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(pot_fake_quant(&w, &Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).is_err(), "12 columns are 3 groups of 4");
-        assert!(pot_fake_quant(&w, &Tensor::ones((2, 3), candle_core::DType::F64, &Device::Cpu).unwrap(), 4, 3).is_err());
-        assert!(pot_fake_quant(&w, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0, 3).is_err());
+        let err = |s: Tensor, group: usize| pot_fake_quant(&w, &s, group, 3).unwrap_err().to_string();
+        let e = err(Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(), 4);
+        assert!(e.contains("scales [rows, cols / 4]"), "12 columns are 3 groups of 4: {e}");
+        let e = err(Tensor::ones((2, 3), candle_core::DType::F64, &Device::Cpu).unwrap(), 4);
+        assert!(e.contains("f32 weights and scales"), "{e}");
+        let e = err(Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0);
+        assert!(e.contains("pot_fake_quant"), "{e}");
         assert!(pot_fake_quant(&w, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).is_ok());
+        let empty = Tensor::zeros((0, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(pot_fake_quant(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[0, 12]);
     }
 }

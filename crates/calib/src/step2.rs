@@ -82,13 +82,17 @@ pub struct Step2Options {
     /// calibration output worse than the start did.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_better: bool,
+    /// On a GPU, the f32 matrix products of the training (not of the calibration passes or the
+    /// Hessians around it) in TF32 on the tensor cores.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
 }
 
 impl Step2Options {
     /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
     /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
     pub fn paper(bits: u8) -> Self {
-        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false }
+        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false }
     }
 
     pub fn check(&self) -> Result<()> {
@@ -422,6 +426,24 @@ pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [Learne
     Ok(StepProfile { weights_s: p.weights_s / n, forward_s: p.forward_s / n, backward_s: p.backward_s / n, update_s: p.update_s / n })
 }
 
+/// candle's process-wide TF32 switch for f32 GPU products, set for one block's training and
+/// put back as it was when the training ends, however it ends.
+struct Tf32Scope(bool);
+
+impl Tf32Scope {
+    fn set(on: bool) -> Self {
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(on);
+        Self(before)
+    }
+}
+
+impl Drop for Tf32Scope {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.0);
+    }
+}
+
 /// Trains the scales of one block (`scales`, one per linear in `BLOCK_LINEARS` order) so that
 /// the quantized block maps `inputs` to `targets`; batches are visited in order every epoch.
 pub fn refine_block(
@@ -433,6 +455,7 @@ pub fn refine_block(
     opts: &Step2Options,
 ) -> Result<RefineReport> {
     opts.check()?;
+    let _tf32 = Tf32Scope::set(opts.tf32);
     let start = Instant::now();
     let loss_before = block_loss(graph, fp, scales, inputs, targets)?;
     let starts: Vec<Start> = if opts.keep_better { scales.iter().map(|s| s.snapshot()).collect::<Result<_>>()? } else { Vec::new() };
@@ -498,8 +521,6 @@ mod tests {
         }
     }
 
-    /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
-    /// with central differences of that function, in f64, for groups of every linear.
     /// In the tensor-op form (f64), the broadcast spread (groups tiling the rows) and the index
     /// spread (ragged groups) give the same weights and the same scale gradients, and they equal
     /// the fused f32 op's.
@@ -537,6 +558,8 @@ mod tests {
         assert!(g_b.iter().any(|g| g.abs() > 1e-4));
     }
 
+    /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
+    /// with central differences of that function, in f64, for groups of every linear.
     #[test]
     fn block_gradient_matches_finite_differences() {
         let model = tiny_model();
@@ -609,7 +632,7 @@ mod tests {
             .collect();
         let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).unwrap()).collect();
         let mut scales = learned(block, cfg, 2, 32, DType::F32);
-        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false };
+        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false };
         let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts).unwrap();
         assert_eq!(report.epoch_losses.len(), 30);
         assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);

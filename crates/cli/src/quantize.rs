@@ -102,7 +102,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// With `--device cuda`: Step 2's f32 matrix products on the tensor cores in TF32 (10-bit
-    /// mantissa inputs, f32 accumulation); everything else stays f32.
+    /// mantissa inputs, f32 accumulation); the calibration passes, Hessians and second moments
+    /// around it and the evaluation stay f32.
     #[arg(long)]
     s2_tf32: bool,
     /// Stop after this many blocks of a method (to exercise resuming).
@@ -269,7 +270,6 @@ pub fn run(args: Args) -> Result<()> {
     };
     let device = device(args.device)?;
     ensure!(!args.s2_tf32 || args.device == DeviceArg::Cuda, "--s2-tf32 needs --device cuda");
-    candle_core::cuda::set_gemm_reduced_precision_f32(args.s2_tf32);
     let path = model_path(args.model.clone())?;
     let loaded = potptq_model::load(&path)?;
     let fp = &loaded.model;
@@ -324,6 +324,7 @@ pub fn run(args: Args) -> Result<()> {
         weight_lr: train_weights.then_some(s2_settings.weight_lr),
         schedule: s2_settings.schedule,
         keep_better: s2_settings.keep_better,
+        tf32: s2_settings.tf32,
     };
     for &bits in &args.bits {
         step2_for(bits, true).check()?;

@@ -132,7 +132,7 @@ pub fn run(a: Step2Args) -> Result<()> {
     sync(&device)?;
     let loss_s = t.elapsed().as_secs_f64();
 
-    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, ..Step2Options::paper(a.bits) };
+    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, tf32: a.tf32, ..Step2Options::paper(a.bits) };
     let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts)?;
     sync(&device)?;
     let profile = if a.profile_steps > 0 { Some(profile_steps(&graph, &fp, &mut scales, &inputs, &targets, &opts, a.profile_steps)?) } else { None };
@@ -198,7 +198,8 @@ mod tests {
         run(a).unwrap();
         assert!(run(Step2Args { device: "tpu".into(), ..tiny() }).is_err());
         assert!(run(Step2Args { group_size: 48, ..tiny() }).is_err());
-        assert!(run(Step2Args { tf32: true, ..tiny() }).is_err(), "TF32 is a GPU setting");
+        let e = run(Step2Args { tf32: true, ..tiny() }).unwrap_err();
+        assert!(e.to_string().contains("--tf32 needs --device cuda"), "{e}");
     }
 
     fn tiny() -> Step2Args {
