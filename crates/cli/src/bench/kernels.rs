@@ -65,18 +65,25 @@ fn memory_bandwidth() -> (f64, f64) {
     (median(copy), median(read))
 }
 
-/// Median seconds of `call(copy)`, cycling through `copies` (one untimed pass first).
-fn time_cycling(copies: usize, reps: usize, mut call: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    for i in 0..copies {
-        call(i)?;
+/// Median seconds of each variant `v` of `call(v, copy)`, variant `v` cycling through
+/// `copies[v]` copies (one untimed pass over them first). The variants run call by call in
+/// turn, so load changing during the run lands on all of them alike.
+fn time_in_turn(copies: &[usize], reps: usize, mut call: impl FnMut(usize, usize) -> Result<()>) -> Result<Vec<f64>> {
+    for (v, &n) in copies.iter().enumerate() {
+        for i in 0..n {
+            call(v, i)?;
+        }
     }
-    let mut times = Vec::new();
-    for i in 0..reps.max(copies) {
-        let t = Instant::now();
-        call(i % copies)?;
-        times.push(t.elapsed().as_secs_f64());
+    let calls = copies.iter().copied().fold(reps, usize::max);
+    let mut times = vec![Vec::with_capacity(calls); copies.len()];
+    for i in 0..calls {
+        for (v, t) in times.iter_mut().enumerate() {
+            let start = Instant::now();
+            call(v, i % copies[v])?;
+            t.push(start.elapsed().as_secs_f64());
+        }
     }
-    Ok(median(times))
+    Ok(times.into_iter().map(median).collect())
 }
 
 fn copies_for(bytes: usize, working_set_mb: usize) -> usize {
@@ -100,21 +107,9 @@ fn time_packed(pot: &PackedMatrix, int: &PackedMatrix, pot_kernels: &[(Option<Po
         .chain(int_kernels.iter().map(|&(pot_decode, activations)| (&int_copies[..], Kernel { isa: Isa::best(), pot_decode, activations })))
         .collect();
     let mut y = vec![0f32; tokens * pot.rows()];
-    for (ms, kernel) in &variants {
-        for m in ms.iter() {
-            matmul_with(*kernel, m, x, tokens, &mut y)?;
-        }
-    }
-    let calls = args.reps.max(pot_copies.len()).max(int_copies.len());
-    let mut times = vec![Vec::with_capacity(calls); variants.len()];
-    for i in 0..calls {
-        for ((ms, kernel), t) in variants.iter().zip(&mut times) {
-            let start = Instant::now();
-            matmul_with(*kernel, &ms[i % ms.len()], x, tokens, &mut y)?;
-            t.push(start.elapsed().as_secs_f64());
-        }
-    }
-    let mut timed: Vec<Timed> = times.into_iter().zip(&variants).map(|(t, (ms, _))| Timed { seconds: median(t), bytes: ms[0].weight_bytes() }).collect();
+    let counts: Vec<usize> = variants.iter().map(|(ms, _)| ms.len()).collect();
+    let seconds = time_in_turn(&counts, args.reps, |v, i| matmul_with(variants[v].1, &variants[v].0[i], x, tokens, &mut y))?;
+    let mut timed: Vec<Timed> = seconds.into_iter().zip(&variants).map(|(seconds, (ms, _))| Timed { seconds, bytes: ms[0].weight_bytes() }).collect();
     let int_timed = timed.split_off(pot_kernels.len());
     Ok((timed, int_timed))
 }
@@ -123,7 +118,7 @@ fn time_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize, args:
     let bytes = w.len() * 4;
     let copies: Vec<Vec<f32>> = (0..copies_for(bytes, args.working_set_mb)).map(|_| w.to_vec()).collect();
     let mut y = vec![0f32; tokens * rows];
-    let seconds = time_cycling(copies.len(), args.reps, |i| matmul_f32(Isa::best(), &copies[i], rows, cols, x, tokens, &mut y))?;
+    let seconds = time_in_turn(&[copies.len()], args.reps, |_, i| matmul_f32(Isa::best(), &copies[i], rows, cols, x, tokens, &mut y))?[0];
     Ok(Timed { seconds, bytes })
 }
 
