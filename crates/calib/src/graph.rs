@@ -8,6 +8,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use potptq_model::attention::{causal_mask, grouped_attention};
 use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
 
@@ -74,17 +75,11 @@ impl BlockGraph {
     pub fn new(cfg: &Config, rope: &Rope, seq_len: usize, dtype: DType, device: &Device) -> Result<Self> {
         let (cos, sin) = rope.tables();
         let group = cfg.num_heads / cfg.num_kv_heads;
-        let mask: Vec<f32> = (0..group * seq_len)
-            .flat_map(|row| {
-                let query = row % seq_len;
-                (0..seq_len).map(move |key| if key <= query { 0.0 } else { f32::NEG_INFINITY })
-            })
-            .collect();
         Ok(Self {
             cfg: cfg.clone(),
             cos: cos.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
             sin: sin.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
-            mask: Tensor::from_vec(mask, (group * seq_len, seq_len), device)?.to_dtype(dtype)?,
+            mask: causal_mask(group, seq_len, seq_len, dtype, device)?,
         })
     }
 
@@ -112,23 +107,18 @@ impl BlockGraph {
         Ok((x + w.linear("mlp.down_proj", &act)?)?)
     }
 
-    /// Causal attention with grouped KV heads. The query heads that share a KV head are stacked
-    /// along the sequence axis, so one batched product per KV head serves them all without
-    /// copying keys and values.
+    /// Causal attention with grouped KV heads (`grouped_attention`), rotary by `rope_slow`.
     fn attention(&self, w: &BlockWeights, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let group = nh / nkv;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
             Ok(candle_nn::rotary_emb::rope_slow(&y, &self.cos, &self.sin)?)
         };
-        let q = heads(w.linear("self_attn.q_proj", x)?, nh)?.contiguous()?.reshape((b, nkv, group * t, hd))?;
-        let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?.contiguous()?;
-        let v = w.linear("self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&self.mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let q = heads(w.linear("self_attn.q_proj", x)?, nh)?;
+        let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?;
+        let v = w.linear("self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let out = grouped_attention(&q, &k, &v, Some(&self.mask))?;
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }

@@ -78,3 +78,35 @@ pub fn say(bar: &ProgressBar, line: String) {
 pub fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
+
+/// `--device`: where the model runs.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    /// The first NVIDIA GPU (a build with the `cuda` feature); packed linears run through the
+    /// fused GPU kernels.
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> Result<candle_core::Device> {
+        match self {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda if candle_core::utils::cuda_is_available() => Ok(candle_core::Device::new_cuda(0)?),
+            DeviceArg::Cuda => anyhow::bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
+        }
+    }
+}
+
+/// How many of `model`'s packed linears run through the fused GPU kernels, of how many packed.
+pub fn gpu_kernel_linears(model: &potptq_model::Model) -> (usize, usize) {
+    let linears = || model.blocks.iter().flat_map(|b| potptq_model::llama::BLOCK_LINEARS.map(|n| b.linear(n).expect("block linear")));
+    (linears().filter(|l| l.on_gpu_kernels()).count(), linears().filter(|l| l.packed().is_some() || l.on_gpu_kernels()).count())
+}

@@ -6,7 +6,7 @@ use potptq_model::perplexity::{perplexity, PplOptions, Scoring};
 use potptq_model::tokenizer::encode;
 use serde_json::json;
 
-use crate::common::{load_text, model_path, print_json, progress_bar};
+use crate::common::{gpu_kernel_linears, load_text, model_path, print_json, progress_bar, DeviceArg};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ScoringArg {
@@ -39,6 +39,10 @@ pub struct Args {
     /// 32, integer products).
     #[arg(long, value_enum, default_value = "f32")]
     kernels: crate::generate::KernelsArg,
+    /// Where the model runs: cpu, or cuda (packed linears through the fused GPU kernels, with
+    /// f16 activations).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Print the figures as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -61,8 +65,10 @@ pub fn run(args: Args) -> Result<()> {
         },
         batch: args.batch.unwrap_or((2048 / seq_len.max(1)).clamp(1, 8)),
     };
+    let model = loaded.model.to_device(&args.device.device()?)?;
+    let (on_kernels, packed) = gpu_kernel_linears(&model);
     let bar = progress_bar(0, "windows");
-    let r = perplexity(&loaded.model, &tokens, &opts, |done, total| {
+    let r = perplexity(&model, &tokens, &opts, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -71,7 +77,10 @@ pub fn run(args: Args) -> Result<()> {
     println!("text           {} ({} bytes, sha256 {}, {} tokens)", text.name, text.content.len(), text.sha256(), tokens.len());
     println!("seq_len        {}  scoring {:?}  windows {}", r.seq_len, r.scoring, r.windows);
     println!("tokens scored  {}", r.tokens_scored);
-    println!("kernels        {} activations", args.kernels.name());
+    match args.device {
+        DeviceArg::Cpu => println!("kernels        {} activations", args.kernels.name()),
+        DeviceArg::Cuda => println!("device         cuda: {on_kernels} of {packed} packed linears through the fused kernels (f16 activations), the rest dequantized"),
+    }
     println!("perplexity     {:.4}", r.ppl);
     println!("speed          {:.1} tokens/s ({:.1} s)", r.tokens_per_s, r.seconds);
     if args.json {
@@ -85,6 +94,8 @@ pub fn run(args: Args) -> Result<()> {
             "windows": r.windows,
             "tokens_scored": r.tokens_scored,
             "kernels": args.kernels.name(),
+            "device": args.device.name(),
+            "gpu_kernel_linears": on_kernels,
             "ppl": r.ppl,
             "nll_sum": r.nll_sum,
             "seconds": r.seconds,

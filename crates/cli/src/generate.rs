@@ -6,7 +6,7 @@ use potptq_model::generate::{generate, Sampling};
 use potptq_model::tokenizer::{decode, encode};
 use serde_json::json;
 
-use crate::common::{model_path, print_json};
+use crate::common::{gpu_kernel_linears, model_path, print_json, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +28,10 @@ pub struct Args {
     /// products: faster, slightly different numbers).
     #[arg(long, value_enum, default_value = "f32")]
     kernels: KernelsArg,
+    /// Where the model runs: cpu, or cuda (packed linears through the fused GPU kernels, with
+    /// f16 activations).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Print the text and figures as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,8 @@ pub fn run(args: Args) -> Result<()> {
     args.kernels.apply();
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
+    let model = loaded.model.to_device(&args.device.device()?)?;
+    let (on_kernels, _) = gpu_kernel_linears(&model);
     let tokenizer = loaded.tokenizer()?;
     let prompt = encode(tokenizer, &args.prompt)?;
     if prompt.is_empty() {
@@ -75,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut ids = Vec::new();
     let mut printed = String::new();
     print!("{}", args.prompt);
-    let (_, stats) = generate(&loaded.model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, |id| {
+    let (_, stats) = generate(&model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, |id| {
         if loaded.eos_ids.contains(&id) {
             return Ok(());
         }
@@ -113,6 +119,8 @@ pub fn run(args: Args) -> Result<()> {
             "prefill_seconds": stats.prefill_seconds,
             "decode_tokens_per_s": stats.decode_tokens_per_s,
             "kernels": args.kernels.name(),
+            "device": args.device.name(),
+            "gpu_kernel_linears": on_kernels,
             "resident_bytes": resident.map(|r| r.bytes),
             "peak_resident_bytes": resident.map(|r| r.peak_bytes),
         }));

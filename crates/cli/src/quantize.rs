@@ -15,7 +15,7 @@ use potptq_quant::{Format, GptqOptions, Grid};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::common::{assets_dir, load_text, model_path, print_json, progress_bar, say};
+use crate::common::{assets_dir, load_text, model_path, print_json, progress_bar, say, DeviceArg};
 use crate::report::{self, Row};
 
 #[derive(clap::Args)]
@@ -98,7 +98,7 @@ pub struct Args {
     /// Adam learning rate of the weights Step 2 trains in the `+tw` methods.
     #[arg(long, default_value_t = DEFAULT_WEIGHT_LR)]
     s2_weight_lr: f64,
-    /// Where Step 2 runs: cpu, or cuda (a build with the `cuda` feature).
+    /// Where Step 2 and the evaluations run: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// With `--device cuda`: Step 2's f32 matrix products on the tensor cores in TF32 (10-bit
@@ -146,12 +146,6 @@ enum InputArg {
     Fp,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum, PartialEq)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
 /// The CPU budget: 32 Adam steps of 512 tokens per block, so that Step 2 of SmolLM2-135M takes
 /// minutes, not hours, on a 2-core machine.
 const CPU_CALIBRATION: (usize, usize) = (16, 512);
@@ -186,14 +180,6 @@ fn expand_methods(names: &[String]) -> Result<Vec<Variant>> {
         }
     }
     Ok(out)
-}
-
-fn device(arg: DeviceArg) -> Result<candle_core::Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
-        DeviceArg::Cuda if candle_core::utils::cuda_is_available() => Ok(candle_core::Device::new_cuda(0)?),
-        DeviceArg::Cuda => bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
-    }
 }
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -268,7 +254,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(Protocol::Paper) => PAPER_CALIBRATION,
         None => CPU_CALIBRATION,
     };
-    let device = device(args.device)?;
+    let device = args.device.device()?;
     ensure!(!args.s2_tf32 || args.device == DeviceArg::Cuda, "--s2-tf32 needs --device cuda");
     let path = model_path(args.model.clone())?;
     let loaded = potptq_model::load(&path)?;
@@ -306,7 +292,7 @@ pub fn run(args: Args) -> Result<()> {
         },
         weight_lr: args.s2_weight_lr,
         keep_better: args.s2_keep_better,
-        device: if args.device == DeviceArg::Cuda { "cuda" } else { "cpu" }.into(),
+        device: args.device.name().into(),
         tf32: args.s2_tf32,
     };
     let default_epochs = |bits: u8| match args.protocol {
@@ -370,6 +356,13 @@ pub fn run(args: Args) -> Result<()> {
 
     let evaluate = |model: &potptq_model::Model, what: &str| -> Result<potptq_model::perplexity::PplResult> {
         let bar = progress_bar(0, &format!("eval {what}"));
+        let on_device;
+        let model = if device.is_cpu() {
+            model
+        } else {
+            on_device = model.to_device(&device)?;
+            &on_device
+        };
         let r = perplexity(model, &tokens, &ppl_opts, |d, t| {
             bar.set_length(t as u64);
             bar.set_position(d as u64);

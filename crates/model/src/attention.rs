@@ -7,6 +7,7 @@
 //! formula it is tested against.
 
 use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 /// Queries per task: a block's scores (`QUERY_BLOCK × keys`) fit in L2 at 2048 keys.
@@ -100,6 +101,46 @@ pub fn causal_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result
     Ok(out)
 }
 
+/// Causal grouped-query attention from tensor ops, on any device (the GPU inference path)
+/// and differentiable (Step 2's block graph): `q` `[batch, heads, queries, head_dim]` (rotary
+/// applied), `k`, `v` `[batch, kv_heads, keys, head_dim]`, the queries at the last positions
+/// of the keys → `[batch, heads, queries, head_dim]`.
+///
+/// The query heads that share a KV head are stacked along the query axis, so one batched
+/// product per KV head serves them all without copying keys and values. `mask` is
+/// `causal_mask(heads / kv_heads, queries, keys)` for callers that reuse one; `None` builds
+/// it (none is needed for a single query, which sees every key).
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (_, nkv, n, _) = k.dims4()?;
+    ensure!(nkv > 0 && nh % nkv == 0, "{nh} query heads are not a multiple of {nkv} KV heads");
+    ensure!(t <= n, "more queries ({t}) than keys ({n})");
+    let group = nh / nkv;
+    let q = q.contiguous()?.reshape((b, nkv, group * t, d))?;
+    let scores = (q.matmul(&k.contiguous()?.t()?)? / (d as f64).sqrt())?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None if t > 1 => scores.broadcast_add(&causal_mask(group, t, n, scores.dtype(), scores.device())?)?,
+        None => scores,
+    };
+    // The fused softmax has no gradient; the composed one is kept for graphs that train.
+    let probs = if scores.track_op() { candle_nn::ops::softmax(&scores, candle_core::D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+    Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, d))?)
+}
+
+/// The additive mask of `grouped_attention`: `[group · queries, keys]`, 0 where a query may
+/// see a key and −∞ after it, repeated for each query head of a KV group.
+pub fn causal_mask(group: usize, queries: usize, keys: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let past = keys - queries;
+    let mask: Vec<f32> = (0..group * queries)
+        .flat_map(|row| {
+            let seen = past + row % queries;
+            (0..keys).map(move |key| if key <= seen { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (group * queries, keys), device)?.to_dtype(dtype)?)
+}
+
 /// The plain formula, one query at a time: the reference the fast path is tested against.
 pub fn reference_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
     s.check(q, k, v)?;
@@ -166,6 +207,12 @@ mod tests {
             let slow = reference_attention(s, &q, &k, &v).unwrap();
             let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < 1e-5, "{s:?}: max error {err}");
+
+            let t = |x: Vec<f32>, h: usize, n: usize| Tensor::from_vec(x, (batch, h, n, head_dim), &Device::Cpu).unwrap();
+            let ops = grouped_attention(&t(q, heads, queries), &t(k, kv_heads, keys), &t(v, kv_heads, keys), None).unwrap();
+            let ops = ops.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = ops.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-5, "{s:?}: tensor-op attention, max error {err}");
         }
     }
 

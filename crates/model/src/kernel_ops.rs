@@ -23,7 +23,7 @@ fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_c
 }
 
 /// `[.., cols]` → `(tokens, output dims [.., rows])`.
-fn output_shape(layout: &Layout, cols: usize, rows: usize, op: &str) -> candle_core::Result<(usize, Shape)> {
+pub(crate) fn output_shape(layout: &Layout, cols: usize, rows: usize, op: &str) -> candle_core::Result<(usize, Shape)> {
     let dims = layout.dims();
     if dims.last() != Some(&cols) {
         return Err(candle_core::Error::Msg(format!("{op}: input {dims:?} does not end in {cols} features")));

@@ -7,6 +7,8 @@ pub mod config;
 pub mod corpus;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "cuda")]
+pub mod gpu_ops;
 pub mod hf;
 pub mod kernel_ops;
 pub mod llama;

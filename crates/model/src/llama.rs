@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use potptq_kernels::PackedMatrix;
 
-use crate::attention::{causal_attention, AttnShape};
+use crate::attention::{causal_attention, grouped_attention, AttnShape};
 use crate::config::Config;
 use crate::kernel_ops;
 
@@ -20,6 +20,10 @@ use crate::kernel_ops;
 pub enum LinearWeight {
     Dense(Tensor),
     Packed(Arc<PackedMatrix>),
+    /// Packed, with a copy on a GPU for the fused kernels (the host copy serves
+    /// dequantization and moving back).
+    #[cfg(feature = "cuda")]
+    PackedGpu(Arc<PackedMatrix>, Arc<crate::gpu_ops::GpuPacked>),
 }
 
 /// A linear layer `y = x Wᵀ + b`, `W` of shape `[out, in]`.
@@ -38,7 +42,7 @@ impl Linear {
     pub fn weight(&self) -> Result<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w),
-            LinearWeight::Packed(_) => bail!("this linear layer is packed (a quantized checkpoint); dequantize the model first"),
+            _ => bail!("this linear layer is packed (a quantized checkpoint); dequantize the model first"),
         }
     }
 
@@ -49,24 +53,54 @@ impl Linear {
     pub fn packed(&self) -> Option<&Arc<PackedMatrix>> {
         match &self.weight {
             LinearWeight::Packed(m) => Some(m),
+            #[cfg(feature = "cuda")]
+            LinearWeight::PackedGpu(m, _) => Some(m),
             LinearWeight::Dense(_) => None,
         }
     }
 
-    /// The weight as an f32 tensor `[out, in]`, dequantized when packed.
+    /// The weight as an f32 tensor `[out, in]`, dequantized when packed (on the CPU).
     pub fn weight_f32(&self) -> Result<Tensor> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok(w.clone()),
-            LinearWeight::Packed(m) => Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?),
+        match (&self.weight, self.packed()) {
+            (LinearWeight::Dense(w), _) => Ok(w.clone()),
+            (_, Some(m)) => Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?),
+            (_, None) => unreachable!("a linear is dense or packed"),
         }
     }
 
     /// `(out, in)`.
     pub fn shape(&self) -> Result<(usize, usize)> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok(w.dims2()?),
-            LinearWeight::Packed(m) => Ok((m.rows(), m.cols())),
+        match (&self.weight, self.packed()) {
+            (LinearWeight::Dense(w), _) => Ok(w.dims2()?),
+            (_, Some(m)) => Ok((m.rows(), m.cols())),
+            (_, None) => unreachable!("a linear is dense or packed"),
         }
+    }
+
+    /// The same layer on `device`. A packed weight moved to a GPU goes through the fused
+    /// kernels when they take its shape, and is otherwise dequantized there to f32.
+    pub fn to_device(&self, device: &Device) -> Result<Linear> {
+        let bias = self.bias.as_ref().map(|b| b.to_device(device)).transpose()?;
+        let weight = match (&self.weight, self.packed()) {
+            (LinearWeight::Dense(w), _) => LinearWeight::Dense(w.to_device(device)?),
+            (_, Some(m)) if device.is_cpu() => LinearWeight::Packed(m.clone()),
+            #[cfg(feature = "cuda")]
+            (_, Some(m)) => match crate::gpu_ops::GpuPacked::upload(m, device) {
+                Ok(g) => LinearWeight::PackedGpu(m.clone(), Arc::new(g)),
+                Err(_) => LinearWeight::Dense(self.weight_f32()?.to_device(device)?),
+            },
+            (_, _) => bail!("packed weights go to the CPU, or to a GPU in a build with the `cuda` feature"),
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// True when the products run through the fused GPU kernels.
+    pub fn on_gpu_kernels(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let LinearWeight::PackedGpu(..) = self.weight {
+            return true;
+        }
+        false
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -81,6 +115,8 @@ impl Linear {
                 y.reshape(out_dims)?
             }
             LinearWeight::Packed(m) => kernel_ops::packed_matmul(x, m)?,
+            #[cfg(feature = "cuda")]
+            LinearWeight::PackedGpu(_, g) => crate::gpu_ops::gpu_packed_matmul(x, g)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -195,6 +231,10 @@ impl Rope {
             cos: Tensor::from_vec(cos, (positions, half), device)?,
             sin: Tensor::from_vec(sin, (positions, half), device)?,
         })
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self { cos: self.cos.to_device(device)?, sin: self.sin.to_device(device)? })
     }
 
     /// The cosine and sine tables, `[positions, head_dim / 2]`.
@@ -324,10 +364,14 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let shape = AttnShape { batch: b, heads: nh, kv_heads: nkv, queries: t, keys: k.dim(2)?, head_dim: hd };
-        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-        let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
-        let out = Tensor::from_vec(out, (b, nh, t, hd), x.device())?;
+        let out = if x.device().is_cpu() {
+            let shape = AttnShape { batch: b, heads: nh, kv_heads: nkv, queries: t, keys: k.dim(2)?, head_dim: hd };
+            let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+            let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
+            Tensor::from_vec(out, (b, nh, t, hd), x.device())?
+        } else {
+            grouped_attention(&q, &k, &v, None)?
+        };
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }
@@ -421,10 +465,11 @@ impl Model {
     /// through the f16 kernel, never expanded to f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = self.output_weight();
-        if w.dtype() == DType::F16 {
-            return kernel_ops::f16_matmul(hidden, w);
+        match (w.dtype(), w.device()) {
+            (DType::F16, Device::Cpu) => kernel_ops::f16_matmul(hidden, w),
+            (DType::F16, _) => Ok(Linear::dense(w.clone(), None).forward(&hidden.to_dtype(DType::F16)?)?.to_dtype(DType::F32)?),
+            _ => Linear::dense(w.clone(), None).forward(hidden),
         }
-        Linear::dense(w.clone(), None).forward(hidden)
     }
 
     /// The same model with every linear (and the embeddings) as f32 tensors, e.g. to
@@ -443,10 +488,45 @@ impl Model {
         Ok(m)
     }
 
+    /// Where the model's tensors live.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The same model on `device` (see `Linear::to_device` for packed layers).
+    pub fn to_device(&self, device: &Device) -> Result<Model> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| -> Result<Block> {
+                Ok(Block {
+                    attn_norm: b.attn_norm.to_device(device)?,
+                    q_proj: b.q_proj.to_device(device)?,
+                    k_proj: b.k_proj.to_device(device)?,
+                    v_proj: b.v_proj.to_device(device)?,
+                    o_proj: b.o_proj.to_device(device)?,
+                    mlp_norm: b.mlp_norm.to_device(device)?,
+                    gate_proj: b.gate_proj.to_device(device)?,
+                    up_proj: b.up_proj.to_device(device)?,
+                    down_proj: b.down_proj.to_device(device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.to_device(device)?,
+            blocks,
+            norm: self.norm.to_device(device)?,
+            lm_head: self.lm_head.as_ref().map(|h| h.to_device(device)).transpose()?,
+            rope: self.rope.to_device(device)?,
+        })
+    }
+
     /// Token embeddings of `tokens` (`[batch, seq]`, u32) → `[batch, seq, hidden]`.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let flat = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?;
+        let ids = tokens.flatten_all()?.to_device(self.device())?;
+        let flat = self.embed_tokens.index_select(&ids, 0)?.to_dtype(DType::F32)?;
         Ok(flat.reshape((b, t, self.config.hidden_size))?)
     }
 

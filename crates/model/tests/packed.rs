@@ -110,3 +110,56 @@ fn packed_checkpoint_equals_its_dequantized_weights() {
         assert_eq!(values(back.blocks[0].q_proj.weight().unwrap()), values(dense.blocks[0].q_proj.weight().unwrap()), "{what}");
     }
 }
+
+/// On a GPU (a build with the `cuda` feature), a packed checkpoint runs its linears through
+/// the fused kernels with f16 activations where their layout takes the shape (here the linears
+/// of 64 columns; those of 96 are dequantized on the GPU), and gives what it gives on the CPU:
+/// the same perplexity over batched windows (GEMM) and the same logits token by token (GEMV).
+/// The FP model gives the same on both devices too. Skipped without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn on_a_gpu_the_packed_checkpoint_equals_the_cpu() {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("no CUDA device: skipped");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for (fixture_name, format, bits) in [
+        ("tiny_llama", Format::Pot, 2),
+        ("tiny_qwen2", Format::Pot, 3),
+        ("tiny_mistral", Format::Pot, 4),
+        ("tiny_llama", Format::IntAsym, 4),
+        ("tiny_qwen2", Format::IntAsym, 3),
+    ] {
+        let what = format!("{fixture_name} {format:?} {bits} bits g64");
+        let fp = potptq_model::load(&fixture(fixture_name)).unwrap().model;
+        let (dense, tensors) = quantize(&fp, format, bits, 64);
+        let dir = tmp.path().join(what.replace(' ', "-"));
+        checkpoint::save(&dir, &dense, &tensors, &qconfig(format, bits, 64), None, &[], false).unwrap();
+        let cpu = potptq_model::load(&dir).unwrap().model;
+        let on_gpu = cpu.to_device(&gpu).unwrap();
+        for b in &on_gpu.blocks {
+            for n in BLOCK_LINEARS {
+                let l = b.linear(n).unwrap();
+                assert_eq!(l.on_gpu_kernels(), l.shape().unwrap().1 % 64 == 0, "{what}: {n}");
+            }
+        }
+
+        let vocab = fp.config.vocab_size as u32;
+        let tokens: Vec<u32> = (0..4 * 48u32).map(|i| (i * 37 + 11) % vocab).collect();
+        let opts = PplOptions { seq_len: 48, max_windows: None, scoring: Scoring::All, batch: 2 };
+        let ppl = |m: &Model| perplexity(m, &tokens, &opts, |_, _| {}).unwrap().ppl;
+        let (want, got) = (ppl(&cpu), ppl(&on_gpu));
+        assert!(((got - want) / want).abs() <= 2e-3, "{what}: ppl {got} on the GPU vs {want}");
+        let (want, got) = (ppl(&fp), ppl(&fp.to_device(&gpu).unwrap()));
+        assert!(((got - want) / want).abs() <= 1e-4, "{fixture_name} FP: ppl {got} on the GPU vs {want}");
+
+        let (mut cc, mut cg) = (KvCache::new(fp.config.num_layers), KvCache::new(fp.config.num_layers));
+        for &t in &tokens[..6] {
+            let ids = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
+            let a = values(&cpu.forward(&ids, Some(&mut cc)).unwrap());
+            let b = values(&on_gpu.forward(&ids, Some(&mut cg)).unwrap());
+            assert!(max_rel(&b, &a) <= 1e-2, "{what}: logits differ by {}", max_rel(&b, &a));
+        }
+    }
+}

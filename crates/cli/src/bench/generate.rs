@@ -12,7 +12,7 @@ use potptq_quant::Format;
 use serde_json::{json, Value};
 
 use super::median;
-use crate::common::{model_path, print_json};
+use crate::common::{model_path, print_json, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -33,6 +33,10 @@ pub struct GenerateArgs {
     /// Activations of the packed models' products, each measured: f32 (exact) and/or q8.
     #[arg(long, value_delimiter = ',', default_value = "f32,q8")]
     kernels: Vec<crate::generate::KernelsArg>,
+    /// Where the models run: cpu, or cuda (packed models through the fused GPU kernels; then
+    /// `--kernels` does not apply).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Keep the checkpoints in this directory (default: a temporary one, removed after).
     #[arg(long)]
     keep: Option<PathBuf>,
@@ -67,6 +71,7 @@ fn generate_once(model: &Path, kernels: crate::generate::KernelsArg, args: &Gene
         .args(["generate", "--model"])
         .arg(model)
         .args(["--prompt", &args.prompt, "--max-tokens", &args.max_tokens.to_string(), "--kernels", kernels.name(), "--json"])
+        .args(["--device", args.device.name()])
         .output()
         .context("cannot run potptq generate")?;
     if !out.status.success() {
@@ -106,6 +111,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--kernels needs at least one of f32, q8");
     }
     use crate::generate::KernelsArg;
+    let kernels = if args.device == DeviceArg::Cpu { args.kernels.clone() } else { vec![KernelsArg::F32] };
     // The FP model has no packed products: its kernels setting changes nothing.
     let mut models = vec![("fp32".to_string(), None, path.clone(), KernelsArg::F32)];
     for &bits in &args.bits {
@@ -113,14 +119,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let dir = root.join(format!("{}-w{bits}-g{}", method.name(), args.group_size));
             eprintln!("quantizing {} at {bits} bits → {}", method.name(), dir.display());
             make_checkpoint(&fp, method, bits, args.group_size, &dir)?;
-            for &k in &args.kernels {
+            for &k in &kernels {
                 models.push((method.name().to_string(), Some(bits), dir.clone(), k));
             }
         }
     }
     drop(fp);
 
-    println!("decode of {} tokens after \"{}\", median of {} rounds over all models, each run a fresh `potptq generate`", args.max_tokens, args.prompt, args.reps);
+    println!(
+        "decode of {} tokens after \"{}\" on the {}, median of {} rounds over all models, each run a fresh `potptq generate`",
+        args.max_tokens,
+        args.prompt,
+        args.device.name(),
+        args.reps
+    );
     println!("{:>8} {:>5} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}", "method", "bits", "kernels", "file MB", "resident MB", "tokens/s", "generated", "vs fp32");
     let mut rows = Vec::new();
     let mut fp_speed = None;
@@ -139,7 +151,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let bits_label = bits.map_or("—".to_string(), |b| b.to_string());
         println!(
             "{method:>8} {bits_label:>5} {:>7} {:>10.1} {:>12.1} {speed:>10.1} {generated:>12} {:>9.2}",
-            if bits.is_some() { kernels.name() } else { "—" },
+            match (bits, args.device) {
+                (None, _) => "—",
+                (Some(_), DeviceArg::Cuda) => "gpu f16",
+                (Some(_), DeviceArg::Cpu) => kernels.name(),
+            },
             size_of(dir) as f64 / 1e6,
             resident / 1e6,
             speed / fp
@@ -151,7 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.json {
         print_json(&json!({
-            "bench": "generate", "model": path.display().to_string(), "group_size": args.group_size,
+            "bench": "generate", "model": path.display().to_string(), "device": args.device.name(), "group_size": args.group_size,
             "max_tokens": args.max_tokens, "reps": args.reps, "results": rows,
         }));
     }

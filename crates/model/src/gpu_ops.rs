@@ -1,0 +1,102 @@
+//! Packed linears on an NVIDIA GPU: the kernels crate's fused dequant-GEMV/GEMM
+//! (`potptq_kernels::cuda`) as a candle operation, launched on the device's own stream so it
+//! is ordered with candle's work around it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{bail, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use half::f16;
+use potptq_kernels::cuda::gpu::{GpuMatrix, Kernels};
+use potptq_kernels::cuda::GpuLayout;
+use potptq_kernels::PackedMatrix;
+
+use crate::kernel_ops::output_shape;
+
+/// The fused kernels of one device. NVRTC compiles them in seconds, so once per process.
+fn kernels(dev: &CudaDevice) -> Result<Arc<Kernels>> {
+    static CACHE: OnceLock<Mutex<HashMap<DeviceId, Arc<Kernels>>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().map_err(|_| anyhow::anyhow!("kernel cache poisoned"))?;
+    if let Some(k) = cache.get(&dev.id()) {
+        return Ok(k.clone());
+    }
+    let k = Arc::new(Kernels::new(dev.cuda_stream())?);
+    cache.insert(dev.id(), k.clone());
+    Ok(k)
+}
+
+/// A packed matrix in the fused kernels' layout, in GPU memory.
+pub struct GpuPacked {
+    kernels: Arc<Kernels>,
+    matrix: GpuMatrix,
+}
+
+impl std::fmt::Debug for GpuPacked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.matrix;
+        write!(f, "GpuPacked({} {}-bit [{}, {}], g{})", if m.pot { "PoT" } else { "INT" }, m.bits, m.rows, m.cols, m.group)
+    }
+}
+
+impl GpuPacked {
+    /// Re-tiles `m` for the kernels and copies it to `device`; an error when the kernels
+    /// cannot take its shape (rows in multiples of 16, groups of a multiple of 64 columns).
+    pub fn upload(m: &PackedMatrix, device: &Device) -> Result<Self> {
+        let Device::Cuda(dev) = device else {
+            bail!("GPU kernels need a CUDA device, not {device:?}");
+        };
+        let layout = GpuLayout::from_packed(m)?;
+        let kernels = kernels(dev)?;
+        let matrix = kernels.upload(&layout)?;
+        Ok(Self { kernels, matrix })
+    }
+
+    /// Bytes of codes and group parameters on the GPU.
+    pub fn weight_bytes(&self) -> usize {
+        self.matrix.weight_bytes
+    }
+}
+
+struct GpuPackedMatMul<'a>(&'a GpuPacked);
+
+impl CustomOp1 for GpuPackedMatMul<'_> {
+    fn name(&self) -> &'static str {
+        "potptq-gpu-packed-matmul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg(format!("{}: these packed weights are on the GPU, the input on the CPU", self.name())))
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let m = &self.0.matrix;
+        let (tokens, shape) = output_shape(layout, m.cols, m.rows, self.name())?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg(format!("{}: the input must be contiguous", self.name())));
+        };
+        let dev = storage.device();
+        let x = storage.as_cuda_slice::<f16>()?.slice(start..end);
+        // SAFETY: the kernel writes every one of the tokens·rows outputs.
+        let y = unsafe { dev.alloc::<f16>(tokens * m.rows)? };
+        if tokens > 0 {
+            let stream = dev.cuda_stream();
+            let (xp, _x_guard) = x.device_ptr(&stream);
+            let (yp, _y_guard) = y.device_ptr(&stream);
+            // SAFETY: x holds tokens·cols f16 and y tokens·rows, on the kernels' stream (the
+            // device's own).
+            unsafe { self.0.kernels.matmul_raw(m, xp, yp, tokens) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+    }
+}
+
+/// `x Wᵀ` for a packed `W` on the GPU; `x` of shape `[.., in]` in any float type, multiplied
+/// in f16 (the kernels' activations) with f32 sums, and returned in `x`'s type.
+pub fn gpu_packed_matmul(x: &Tensor, m: &GpuPacked) -> Result<Tensor> {
+    let y = x.to_dtype(DType::F16)?.contiguous()?.apply_op1_no_bwd(&GpuPackedMatMul(m))?;
+    Ok(y.to_dtype(x.dtype())?)
+}
