@@ -96,6 +96,7 @@ pub fn run(args: Args) -> Result<()> {
             "kernels": args.kernels.name(),
             "device": args.device.name(),
             "gpu_kernel_linears": on_kernels,
+            "packed_linears": packed,
             "ppl": r.ppl,
             "nll_sum": r.nll_sum,
             "seconds": r.seconds,

@@ -130,15 +130,15 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
 
 /// The additive mask of `grouped_attention`: `[group · queries, keys]`, 0 where a query may
 /// see a key and −∞ after it, repeated for each query head of a KV group.
+/// Made on `device` by comparing positions there: a GPU gets no host-sized copy.
 pub fn causal_mask(group: usize, queries: usize, keys: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let past = keys - queries;
-    let mask: Vec<f32> = (0..group * queries)
-        .flat_map(|row| {
-            let seen = past + row % queries;
-            (0..keys).map(move |key| if key <= seen { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (group * queries, keys), device)?.to_dtype(dtype)?)
+    ensure!(queries <= keys, "more queries ({queries}) than keys ({keys})");
+    let query_pos = Tensor::arange((keys - queries) as u32, keys as u32, device)?.repeat(group)?.unsqueeze(1)?;
+    let key_pos = Tensor::arange(0u32, keys as u32, device)?.unsqueeze(0)?;
+    let future = key_pos.broadcast_gt(&query_pos)?;
+    let shape = (group * queries, keys);
+    let mask = future.where_cond(&Tensor::full(f32::NEG_INFINITY, shape, device)?, &Tensor::zeros(shape, DType::F32, device)?)?;
+    Ok(mask.to_dtype(dtype)?)
 }
 
 /// The plain formula, one query at a time: the reference the fast path is tested against.

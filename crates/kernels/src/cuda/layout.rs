@@ -90,7 +90,10 @@ pub fn pair_position(lane: usize, p: usize) -> (usize, usize) {
 fn check_shape(rows: usize, cols: usize, group: usize, bits: u8) -> Result<()> {
     ensure!((2..=4).contains(&bits), "GPU kernels take 2, 3 or 4 bits (got {bits})");
     ensure!(rows % TILE_ROWS == 0, "GPU kernels need rows in multiples of {TILE_ROWS} (got {rows})");
-    ensure!(group % TILE_COLS == 0 && cols % group == 0, "GPU kernels need groups of a multiple of {TILE_COLS} columns that divide the row (got {cols} columns, groups of {group})");
+    // A K tile never straddles two groups: the kernels find a tile's group as `tile / (group /
+    // 64)`, which also holds for a short last group (e.g. 576 columns in groups of 128).
+    ensure!(cols % TILE_COLS == 0, "GPU kernels need columns in multiples of {TILE_COLS} (got {cols})");
+    ensure!(group % TILE_COLS == 0, "GPU kernels need groups of a multiple of {TILE_COLS} columns (got {group})");
     Ok(())
 }
 
@@ -181,7 +184,7 @@ impl GpuLayout {
     /// Bytes a product reads per pass over the weights (codes and group parameters).
     pub fn weight_bytes(&self) -> usize {
         let per_group = if self.is_pot() { 2 } else { 4 };
-        self.words.len() * 4 + self.rows * (self.cols / self.group) * per_group
+        self.words.len() * 4 + self.rows * self.cols.div_ceil(self.group) * per_group
     }
 
     /// `words` already in the tile layout (e.g. random words, which are random codes: the
@@ -189,7 +192,7 @@ impl GpuLayout {
     pub fn from_parts(format: Format, bits: u8, rows: usize, cols: usize, group: usize, words: Vec<u32>, scales: &[f16], zeros: &[u8]) -> Result<Self> {
         check_shape(rows, cols, group, bits)?;
         ensure!(words.len() == rows * cols * bits as usize / 32, "{} words for [{rows}, {cols}] at {bits} bits", words.len());
-        let groups = cols / group;
+        let groups = cols.div_ceil(group);
         ensure!(scales.len() == rows * groups, "{} scales for {} groups", scales.len(), rows * groups);
         let pot = format == Format::Pot;
         let mut meta = vec![0u32; rows * groups];
@@ -348,17 +351,18 @@ mod tests {
 
     #[test]
     fn bit_add_decode_equals_the_quantizer() {
-        let layout = GroupLayout::new(48, 256, 128).unwrap();
-        let w: Vec<f32> = (0..48 * 256).map(|i| (((i * 7919) % 1013) as f32 - 506.0) * 1e-4).collect();
+        // 320 columns in groups of 128: a short last group of 64, as SmolLM2's 576 has.
+        let layout = GroupLayout::new(48, 320, 128).unwrap();
+        let w: Vec<f32> = (0..48 * 320).map(|i| (((i * 7919) % 1013) as f32 - 506.0) * 1e-4).collect();
         for (format, bits) in [(Format::Pot, 2), (Format::Pot, 3), (Format::Pot, 4), (Format::IntAsym, 2), (Format::IntAsym, 3), (Format::IntAsym, 4)] {
             let q = potptq_quant::quantize_rtn("w", &w, layout, format, bits).unwrap();
             let packed = PackedMatrix::from_qtensor(&q).unwrap();
             let g = GpuLayout::from_packed(&packed).unwrap();
             let deq = q.dequantize();
             for r in 0..48 {
-                for c in 0..256 {
-                    assert_eq!(g.code(r, c), q.codes[r * 256 + c]);
-                    let want = f16::from_f32(deq[r * 256 + c]);
+                for c in 0..320 {
+                    assert_eq!(g.code(r, c), q.codes[r * 320 + c]);
+                    let want = f16::from_f32(deq[r * 320 + c]);
                     if format == Format::Pot {
                         assert_eq!(g.weight(r, c), want, "{format:?} {bits} ({r}, {c}): the bit-add is exact");
                     } else {
