@@ -50,6 +50,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     args.kernels.apply();
+    let device = args.device.device()?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let text = load_text(args.text.as_deref())?;
@@ -65,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         },
         batch: args.batch.unwrap_or((2048 / seq_len.max(1)).clamp(1, 8)),
     };
-    let model = loaded.model.to_device(&args.device.device()?)?;
+    let model = loaded.model.to_device(&device)?;
     let (on_kernels, packed) = gpu_kernel_linears(&model);
     let bar = progress_bar(0, "windows");
     let r = perplexity(&model, &tokens, &opts, |done, total| {
@@ -79,7 +80,10 @@ pub fn run(args: Args) -> Result<()> {
     println!("tokens scored  {}", r.tokens_scored);
     match args.device {
         DeviceArg::Cpu => println!("kernels        {} activations", args.kernels.name()),
-        DeviceArg::Cuda => println!("device         cuda: {on_kernels} of {packed} packed linears through the fused kernels (f16 activations), the rest dequantized"),
+        DeviceArg::Cuda => println!(
+            "device         cuda: {on_kernels} of {packed} packed linears through the fused kernels (f16 activations){}",
+            if on_kernels < packed { ", the rest dequantized to f32" } else { "" }
+        ),
     }
     println!("perplexity     {:.4}", r.ppl);
     println!("speed          {:.1} tokens/s ({:.1} s)", r.tokens_per_s, r.seconds);

@@ -68,9 +68,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("the prompt is empty");
     }
     args.kernels.apply();
+    let device = args.device.device()?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
-    let model = loaded.model.to_device(&args.device.device()?)?;
+    let model = loaded.model.to_device(&device)?;
     let (on_kernels, _) = gpu_kernel_linears(&model);
     let tokenizer = loaded.tokenizer()?;
     let prompt = encode(tokenizer, &args.prompt)?;

@@ -208,3 +208,14 @@ fn export_refuses_bad_settings_and_writes_a_loadable_model() {
     let insp = potptq(&["inspect", "--model", s(&out), "--json"]);
     assert!(insp.status.success(), "{}", String::from_utf8_lossy(&insp.stderr));
 }
+
+/// Without the `cuda` feature (CI's build), `--device cuda` is refused by name, before any work.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_without_a_cuda_build() {
+    let model = fixture("tiny_llama");
+    let m = s(&model);
+    fails_with(&["eval", "--model", m, "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
+    fails_with(&["generate", "--model", m, "--prompt", "hi", "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
+    fails_with(&["eval", "--model", m, "--device", "tpu"], "invalid value 'tpu' for '--device");
+}
