@@ -206,8 +206,6 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
     QGEMM(NAME, BITS, POT, 1, 1, 16, 2) \
     QGEMM(NAME, BITS, POT, 1, 1, 16, 4) \
     QGEMM(NAME, BITS, POT, 1, 1, 32, 2) \
-    QGEMM(NAME, BITS, POT, 2, 1, 8, 2)  \
-    QGEMM(NAME, BITS, POT, 2, 1, 16, 2) \
     QGEMM(NAME, BITS, POT, 1, 2, 8, 4)  \
     QGEMM(NAME, BITS, POT, 1, 4, 8, 2)  \
     QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
