@@ -49,6 +49,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(
+        args.device == DeviceArg::Cpu || args.kernels == crate::generate::KernelsArg::F32,
+        "--kernels {} is for the CPU's packed products; on a GPU they take f16 activations",
+        args.kernels.name()
+    );
     args.kernels.apply();
     let device = args.device.device()?;
     let path = model_path(args.model)?;

@@ -67,6 +67,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() {
         bail!("the prompt is empty");
     }
+    anyhow::ensure!(
+        args.device == DeviceArg::Cpu || args.kernels == crate::generate::KernelsArg::F32,
+        "--kernels {} is for the CPU's packed products; on a GPU they take f16 activations",
+        args.kernels.name()
+    );
     args.kernels.apply();
     let device = args.device.device()?;
     let path = model_path(args.model)?;

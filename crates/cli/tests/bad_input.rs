@@ -217,4 +217,5 @@ fn device_cuda_without_a_cuda_build() {
     let m = s(&model);
     fails_with(&["eval", "--model", m, "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
     fails_with(&["generate", "--model", m, "--prompt", "hi", "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
+    fails_with(&["eval", "--model", m, "--device", "cuda", "--kernels", "q8"], "--kernels q8 is for the CPU's packed products");
 }
