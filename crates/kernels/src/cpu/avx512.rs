@@ -11,6 +11,12 @@
 //! of lane `i`, in column order. A 3-bit half starts mid-word; its load ends at most 2 bytes
 //! past the chunk, within the matrix's padding word.
 //!
+//! **4 bits without a byte shuffle.** `vpmultishiftqb` and `vpermps` both issue on one port
+//! (5), so at 4 bits that port bounds the GEMV. There the 64 bits of a half are broadcast per
+//! qword and `vpsrlvd` (port 0) shifts dword `2j` to code `j` and dword `2j + 1` to code
+//! `8 + j`: the weights come out interleaved, and so must `x` (`interleave_x`, once per token
+//! for all rows). GEMM panels keep the plain order.
+//!
 //! Groups must hold whole chunks (`G % 32 == 0`, `supports`); columns past the last whole
 //! chunk go through the scalar `PackedMatrix::weight`.
 
@@ -40,6 +46,33 @@ unsafe fn codes16<const B: usize>(chunk: *const u8, h: usize, shifts: __m512i) -
         let v = (chunk.add(2 * B * h) as *const i64).read_unaligned();
         _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64(v))
     }
+}
+
+/// The 16 codes of half `h` of a 4-bit chunk, code `j` in lane `2j` and code `8 + j` in lane
+/// `2j + 1` (the order of `interleave_x`).
+#[inline(always)]
+unsafe fn codes16_interleaved(chunk: *const u8, h: usize, shifts: __m512i) -> __m512i {
+    let v = (chunk.add(8 * h) as *const i64).read_unaligned();
+    _mm512_srlv_epi32(_mm512_set1_epi64(v), shifts)
+}
+
+/// `x` in the order the 4-bit GEMV reads it: within each 16 columns of whole chunks, `j` and
+/// `8 + j` side by side; the columns past the last whole chunk as they were.
+pub fn interleave_x(m: &PackedMatrix, x: &[f32]) -> Vec<f32> {
+    let full = m.cols() / 32 * 32;
+    let mut out = Vec::with_capacity(x.len());
+    for half in x[..full].chunks_exact(16) {
+        for j in 0..8 {
+            out.extend([half[j], half[8 + j]]);
+        }
+    }
+    out.extend_from_slice(&x[full..]);
+    out
+}
+
+/// Whether the GEMV of `m` reads `x` through `interleave_x`.
+pub fn wants_interleaved_x(m: &PackedMatrix) -> bool {
+    m.bits() == 4
 }
 
 /// The table index `i` reads: the weight of code `i mod 2^B` divided by the group's scale
@@ -77,7 +110,7 @@ unsafe fn hsum512(v: __m512) -> f32 {
 }
 
 /// `Σ_c W[r, c]·x[c]` for the `R` rows from `r0`, into `out[..R]`; each load of `x` serves
-/// all `R` rows, and each row keeps one sum per half-chunk.
+/// all `R` rows, and each row keeps one sum per half-chunk. At 4 bits `x` is interleaved.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
 unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     let l = m.layout();
@@ -86,8 +119,12 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
     let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
     let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
-    let shifts = _mm512_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32,
-        8 * B as i32, 9 * B as i32, 10 * B as i32, 11 * B as i32, 12 * B as i32, 13 * B as i32, 14 * B as i32, 15 * B as i32);
+    let shifts = if B == 4 {
+        _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28)
+    } else {
+        _mm512_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32,
+            8 * B as i32, 9 * B as i32, 10 * B as i32, 11 * B as i32, 12 * B as i32, 13 * B as i32, 14 * B as i32, 15 * B as i32)
+    };
     let levels = _mm512_loadu_ps(LEVELS[INT as usize][B - 2].as_ptr());
     let xp = x.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); R]; 2];
@@ -108,7 +145,9 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
             for h in 0..2 {
                 let xv = _mm512_loadu_ps(xp.add(32 * k + 16 * h));
                 for i in 0..R {
-                    let w = _mm512_permutexvar_ps(codes16::<B>(rows[i].add(k * 4 * B), h, shifts), tables[i]);
+                    let chunk = rows[i].add(k * 4 * B);
+                    let codes = if B == 4 { codes16_interleaved(chunk, h, shifts) } else { codes16::<B>(chunk, h, shifts) };
+                    let w = _mm512_permutexvar_ps(codes, tables[i]);
                     acc[h][i] = _mm512_fmadd_ps(w, xv, acc[h][i]);
                 }
             }
@@ -120,7 +159,8 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     }
 }
 
-/// Rows `r0..r0 + out.len()`, four at a time.
+/// Rows `r0..r0 + out.len()`, four at a time; `x` through `interleave_x` when
+/// `wants_interleaved_x(m)`.
 ///
 /// # Safety
 /// `available()` must be true and `supports(m)`; the rows exist.

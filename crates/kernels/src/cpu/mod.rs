@@ -212,6 +212,8 @@ enum Prepared {
     XSums(Vec<f32>),
     /// Q8 activations.
     Q8(q8::Q8Activations),
+    /// `x` in the order the AVX-512 4-bit GEMV reads it (`avx512::interleave_x`).
+    Interleaved(Vec<f32>),
 }
 
 /// A weight matrix bound to its row kernels: all the threading below needs.
@@ -289,6 +291,10 @@ impl Rows for PackedRows<'_> {
             return Prepared::Q8(q8::Q8Activations::new(x, self.m.layout(), self.q8_order(), self.simd_q8));
         }
         #[cfg(target_arch = "x86_64")]
+        if self.wide && avx512::wants_interleaved_x(self.m) {
+            return Prepared::Interleaved(avx512::interleave_x(self.m, x));
+        }
+        #[cfg(target_arch = "x86_64")]
         if self.simd && !self.wide && self.m.format() != Format::Pot {
             return Prepared::XSums(avx2::int_x_sums(self.m, x));
         }
@@ -316,8 +322,10 @@ impl Rows for PackedRows<'_> {
             _ => {
                 #[cfg(target_arch = "x86_64")]
                 if self.wide {
+                    let x = if let Prepared::Interleaved(xi) = prepared { xi } else { x };
                     // SAFETY: `wide` is set only when the CPU has the features and the
-                    // kernels cover m; the rows exist.
+                    // kernels cover m; the rows exist; `prepare` interleaved x when the kernel
+                    // wants it.
                     return unsafe { avx512::dot_packed_rows(self.m, r0, x, out) };
                 }
                 #[cfg(target_arch = "x86_64")]
