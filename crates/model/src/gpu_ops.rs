@@ -54,11 +54,6 @@ impl GpuPacked {
         let matrix = kernels.upload(&layout)?;
         Ok(Self { kernels, matrix })
     }
-
-    /// Bytes of codes and group parameters on the GPU.
-    pub fn weight_bytes(&self) -> usize {
-        self.matrix.weight_bytes
-    }
 }
 
 struct GpuPackedMatMul<'a>(&'a GpuPacked);

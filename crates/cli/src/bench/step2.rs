@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use potptq_calib::graph::{BlockGraph, BlockWeights};
 use potptq_calib::step2::{block_loss, profile_steps, refine_block, LearnedScales};
 use potptq_calib::Step2Options;
@@ -103,13 +103,19 @@ pub fn run(a: Step2Args) -> Result<()> {
     let mut scales = Vec::new();
     for name in BLOCK_LINEARS {
         let (r, c) = cfg.linear_shape(name);
-        ensure!(c % a.group_size == 0, "{name}: {c} columns are not a multiple of the group size {}", a.group_size);
+        let layout = GroupLayout::new(r, c, a.group_size)?;
         let w = Tensor::randn(0f32, 0.02, (r, c), &device)?;
-        // Step 1's starting point s0 = max|W_g| / 2^q_max, as an f16 (Step 1's grid search runs
-        // on the CPU and is not what is timed here).
-        let s0 = (w.abs()?.reshape((r, c / a.group_size, a.group_size))?.max(D::Minus1)? / qmax)?;
-        let s: Vec<f32> = s0.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| half::f16::from_f32(v.max(1e-4)).to_f32()).collect();
-        let ls = LearnedScales::new(&w, &s, GroupLayout::new(r, c, a.group_size)?, a.bits)?;
+        // Step 1's starting point s0 = max|W_g| / 2^q_max per group (a short last group too),
+        // as an f16 (Step 1's grid search runs on the CPU and is not what is timed here).
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let mut s = Vec::with_capacity(r * layout.groups_per_row());
+        for row in wv.chunks_exact(c) {
+            for g in 0..layout.groups_per_row() {
+                let max = row[layout.group_cols(g)].iter().fold(0f32, |m, v| m.max(v.abs()));
+                s.push(half::f16::from_f32((max as f64 / qmax).max(1e-4) as f32).to_f32());
+            }
+        }
+        let ls = LearnedScales::new(&w, &s, layout, a.bits)?;
         scales.push(if a.weight_lr.is_some() { ls.with_trained_weights()? } else { ls });
         weights.push(w);
     }
