@@ -92,19 +92,22 @@ impl DeviceArg {
     pub fn device(self) -> Result<candle_core::Device> {
         match self {
             DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceArg::Cuda if candle_core::utils::cuda_is_available() => {
-                let device = candle_core::Device::new_cuda(0)?;
-                // Everything potptq launches runs on the device's one stream, so the events that
-                // order a tensor's uses across streams are pure overhead (per op, per token).
-                #[cfg(feature = "cuda")]
-                if let candle_core::Device::Cuda(d) = &device {
-                    // SAFETY: one stream: no tensor is used on another stream.
-                    unsafe { d.disable_event_tracking() }
-                }
-                Ok(device)
-            }
+            DeviceArg::Cuda if candle_core::utils::cuda_is_available() => Ok(candle_core::Device::new_cuda(0)?),
             DeviceArg::Cuda => anyhow::bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
         }
+    }
+
+    /// The device for running a model (`eval`, `generate`). On a GPU, everything they launch
+    /// runs on the device's one stream, so the events that order a tensor's uses across
+    /// streams are pure overhead, per operation and per token: they are switched off.
+    pub fn inference_device(self) -> Result<candle_core::Device> {
+        let device = self.device()?;
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(d) = &device {
+            // SAFETY: one stream: no tensor is used on another stream.
+            unsafe { d.disable_event_tracking() }
+        }
+        Ok(device)
     }
 
     pub fn name(self) -> &'static str {

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
         args.kernels.name()
     );
     args.kernels.apply();
-    let device = args.device.device()?;
+    let device = args.device.inference_device()?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let text = load_text(args.text.as_deref())?;

@@ -73,7 +73,7 @@ pub fn run(args: Args) -> Result<()> {
         args.kernels.name()
     );
     args.kernels.apply();
-    let device = args.device.device()?;
+    let device = args.device.inference_device()?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let model = loaded.model.to_device(&device)?;
