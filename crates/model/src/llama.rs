@@ -19,11 +19,24 @@ use crate::kernel_ops;
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
-    Packed(Arc<PackedMatrix>),
-    /// Packed, with a copy on a GPU for the fused kernels (the host copy serves
-    /// dequantization and moving back).
-    #[cfg(feature = "cuda")]
-    PackedGpu(Arc<PackedMatrix>, Arc<crate::gpu_ops::GpuPacked>),
+    Packed {
+        matrix: Arc<PackedMatrix>,
+        /// A copy on a GPU for the fused kernels, which then do the products; `matrix` stays
+        /// for dequantization and for moving back.
+        #[cfg(feature = "cuda")]
+        gpu: Option<Arc<crate::gpu_ops::GpuPacked>>,
+    },
+}
+
+impl LinearWeight {
+    /// Packed codes on the host only.
+    pub fn packed(matrix: Arc<PackedMatrix>) -> Self {
+        LinearWeight::Packed {
+            matrix,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
 }
 
 /// A linear layer `y = x Wᵀ + b`, `W` of shape `[out, in]`.
@@ -42,7 +55,7 @@ impl Linear {
     pub fn weight(&self) -> Result<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w),
-            _ => bail!("this linear layer is packed (a quantized checkpoint); dequantize the model first"),
+            LinearWeight::Packed { .. } => bail!("this linear layer is packed (a quantized checkpoint); dequantize the model first"),
         }
     }
 
@@ -52,28 +65,24 @@ impl Linear {
 
     pub fn packed(&self) -> Option<&Arc<PackedMatrix>> {
         match &self.weight {
-            LinearWeight::Packed(m) => Some(m),
-            #[cfg(feature = "cuda")]
-            LinearWeight::PackedGpu(m, _) => Some(m),
+            LinearWeight::Packed { matrix, .. } => Some(matrix),
             LinearWeight::Dense(_) => None,
         }
     }
 
     /// The weight as an f32 tensor `[out, in]`, dequantized when packed (on the CPU).
     pub fn weight_f32(&self) -> Result<Tensor> {
-        match (&self.weight, self.packed()) {
-            (LinearWeight::Dense(w), _) => Ok(w.clone()),
-            (_, Some(m)) => Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?),
-            (_, None) => unreachable!("a linear is dense or packed"),
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Packed { matrix: m, .. } => Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?),
         }
     }
 
     /// `(out, in)`.
     pub fn shape(&self) -> Result<(usize, usize)> {
-        match (&self.weight, self.packed()) {
-            (LinearWeight::Dense(w), _) => Ok(w.dims2()?),
-            (_, Some(m)) => Ok((m.rows(), m.cols())),
-            (_, None) => unreachable!("a linear is dense or packed"),
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.dims2()?),
+            LinearWeight::Packed { matrix: m, .. } => Ok((m.rows(), m.cols())),
         }
     }
 
@@ -81,15 +90,16 @@ impl Linear {
     /// kernels when they take its shape, and is otherwise dequantized there to f32.
     pub fn to_device(&self, device: &Device) -> Result<Linear> {
         let bias = self.bias.as_ref().map(|b| b.to_device(device)).transpose()?;
-        let weight = match (&self.weight, self.packed()) {
-            (LinearWeight::Dense(w), _) => LinearWeight::Dense(w.to_device(device)?),
-            (_, Some(m)) if device.is_cpu() => LinearWeight::Packed(m.clone()),
+        let weight = match &self.weight {
+            LinearWeight::Dense(w) => LinearWeight::Dense(w.to_device(device)?),
+            LinearWeight::Packed { matrix, .. } if device.is_cpu() => LinearWeight::packed(matrix.clone()),
             #[cfg(feature = "cuda")]
-            (_, Some(m)) => match crate::gpu_ops::GpuPacked::upload(m, device) {
-                Ok(g) => LinearWeight::PackedGpu(m.clone(), Arc::new(g)),
+            LinearWeight::Packed { matrix, .. } => match crate::gpu_ops::GpuPacked::upload(matrix, device) {
+                Ok(g) => LinearWeight::Packed { matrix: matrix.clone(), gpu: Some(Arc::new(g)) },
                 Err(_) => LinearWeight::Dense(self.weight_f32()?.to_device(device)?),
             },
-            (_, _) => bail!("packed weights go to the CPU, or to a GPU in a build with the `cuda` feature"),
+            #[cfg(not(feature = "cuda"))]
+            LinearWeight::Packed { .. } => bail!("packed weights go to the CPU, or to a GPU in a build with the `cuda` feature"),
         };
         Ok(Linear { weight, bias })
     }
@@ -97,7 +107,7 @@ impl Linear {
     /// True when the products run through the fused GPU kernels.
     pub fn on_gpu_kernels(&self) -> bool {
         #[cfg(feature = "cuda")]
-        if let LinearWeight::PackedGpu(..) = self.weight {
+        if let LinearWeight::Packed { gpu: Some(_), .. } = self.weight {
             return true;
         }
         false
@@ -114,9 +124,9 @@ impl Linear {
                 *out_dims.last_mut().unwrap() = out_features;
                 y.reshape(out_dims)?
             }
-            LinearWeight::Packed(m) => kernel_ops::packed_matmul(x, m)?,
             #[cfg(feature = "cuda")]
-            LinearWeight::PackedGpu(_, g) => crate::gpu_ops::gpu_packed_matmul(x, g)?,
+            LinearWeight::Packed { gpu: Some(g), .. } => crate::gpu_ops::gpu_packed_matmul(x, g)?,
+            LinearWeight::Packed { matrix, .. } => kernel_ops::packed_matmul(x, matrix)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -415,7 +425,7 @@ impl Model {
             let p = format!("model.layers.{i}");
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 let weight = match packed.remove(&format!("{p}.{name}")) {
-                    Some(m) if (m.rows(), m.cols()) == (out, inp) => LinearWeight::Packed(m),
+                    Some(m) if (m.rows(), m.cols()) == (out, inp) => LinearWeight::packed(m),
                     Some(m) => bail!("packed `{p}.{name}` is [{}, {}], but the config implies [{out}, {inp}]", m.rows(), m.cols()),
                     None => LinearWeight::Dense(take(&format!("{p}.{name}.weight"), &[out, inp])?),
                 };
