@@ -120,10 +120,10 @@ pub struct LearnedScales {
     /// Column → its group, to spread group scales over columns when a ragged last group
     /// keeps the groups from tiling the rows.
     group_of_col: Tensor,
-    /// `[rows, cols]`, and the group size when the groups tile every row exactly.
+    /// `[rows, cols]`, the group size, and whether the groups tile every row exactly.
     dims: (usize, usize),
     group_size: usize,
-    tiled_group: Option<usize>,
+    tiled: bool,
     qmax: f64,
     adam: Adam,
 }
@@ -157,7 +157,7 @@ impl LearnedScales {
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
             dims: (layout.rows, layout.cols),
             group_size: layout.group_size,
-            tiled_group: (layout.cols % layout.group_size == 0).then_some(layout.group_size),
+            tiled: layout.cols % layout.group_size == 0,
             qmax: pot::qmax(bits) as f64,
             adam: Adam::new(shape, source.dtype(), device)?,
         })
@@ -211,18 +211,13 @@ impl LearnedScales {
     /// broadcast, whose gradient is a sum over each group), else `[rows, cols]` through the
     /// column → group index (whose gradient is an index-add, slow on a GPU).
     fn spread(&self, s: &Tensor) -> Result<Tensor> {
-        Ok(match self.tiled_group {
-            Some(_) => s.unsqueeze(2)?,
-            None => s.index_select(&self.group_of_col, 1)?,
-        })
+        Ok(if self.tiled { s.unsqueeze(2)? } else { s.index_select(&self.group_of_col, 1)? })
     }
 
     /// `[rows, cols]` weights in the shape `spread` pairs them with.
     fn grouped(&self, w: &Tensor) -> Result<Tensor> {
-        Ok(match self.tiled_group {
-            Some(g) => w.reshape((self.dims.0, self.dims.1 / g, g))?,
-            None => w.clone(),
-        })
+        let ((rows, cols), g) = (self.dims, self.group_size);
+        Ok(if self.tiled { w.reshape((rows, cols / g, g))? } else { w.clone() })
     }
 
     /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`, for `s` from `spread`, in the shape
@@ -534,10 +529,8 @@ mod tests {
         // dtype, and whether the groups may be spread by broadcast.
         let run = |dtype: DType, tiled: bool| {
             let mut ls = LearnedScales::new(&w.to_dtype(dtype).unwrap(), &scales, layout, 3).unwrap().with_trained_weights().unwrap();
-            assert_eq!(ls.tiled_group.is_some(), true);
-            if !tiled {
-                ls.tiled_group = None;
-            }
+            assert!(ls.tiled);
+            ls.tiled = tiled;
             ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
             let wt = ls.weight().unwrap();
             let grads = (&wt * &probe.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();

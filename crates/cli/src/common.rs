@@ -121,5 +121,5 @@ impl DeviceArg {
 /// How many of `model`'s packed linears run through the fused GPU kernels, of how many packed.
 pub fn gpu_kernel_linears(model: &potptq_model::Model) -> (usize, usize) {
     let linears = || model.blocks.iter().flat_map(|b| potptq_model::llama::BLOCK_LINEARS.map(|n| b.linear(n).expect("block linear")));
-    (linears().filter(|l| l.on_gpu_kernels()).count(), linears().filter(|l| l.packed().is_some() || l.on_gpu_kernels()).count())
+    (linears().filter(|l| l.on_gpu_kernels()).count(), linears().filter(|l| l.packed().is_some()).count())
 }

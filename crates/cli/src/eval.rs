@@ -49,13 +49,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(
-        args.device == DeviceArg::Cpu || args.kernels == crate::generate::KernelsArg::F32,
-        "--kernels {} is for the CPU's packed products; on a GPU they take f16 activations",
-        args.kernels.name()
-    );
-    args.kernels.apply();
-    let device = args.device.inference_device()?;
+    let device = args.kernels.apply_on(args.device)?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let text = load_text(args.text.as_deref())?;

@@ -47,12 +47,20 @@ pub enum KernelsArg {
 }
 
 impl KernelsArg {
-    /// Makes every packed product of this process use these activations.
-    pub fn apply(self) {
+    /// Makes every packed product of this process use these activations, and returns the
+    /// device a model runs on (`eval`, `generate`); on a GPU only f32 (the GPU products take
+    /// f16 activations).
+    pub fn apply_on(self, device: DeviceArg) -> Result<candle_core::Device> {
+        anyhow::ensure!(
+            device == DeviceArg::Cpu || self == KernelsArg::F32,
+            "--kernels {} is for the CPU's packed products; on a GPU they take f16 activations",
+            self.name()
+        );
         potptq_kernels::set_default_activations(match self {
             KernelsArg::F32 => potptq_kernels::Activations::F32,
             KernelsArg::Q8 => potptq_kernels::Activations::Q8,
         });
+        device.inference_device()
     }
 
     pub fn name(self) -> &'static str {
@@ -67,13 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    anyhow::ensure!(
-        args.device == DeviceArg::Cpu || args.kernels == crate::generate::KernelsArg::F32,
-        "--kernels {} is for the CPU's packed products; on a GPU they take f16 activations",
-        args.kernels.name()
-    );
-    args.kernels.apply();
-    let device = args.device.inference_device()?;
+    let device = args.kernels.apply_on(args.device)?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
     let model = loaded.model.to_device(&device)?;

@@ -356,14 +356,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let evaluate = |model: &potptq_model::Model, what: &str| -> Result<potptq_model::perplexity::PplResult> {
         let bar = progress_bar(0, &format!("eval {what}"));
-        let on_device;
-        let model = if device.is_cpu() {
-            model
-        } else {
-            on_device = model.to_device(&device)?;
-            &on_device
-        };
-        let r = perplexity(model, &tokens, &ppl_opts, |d, t| {
+        let model = model.to_device(&device)?;
+        let r = perplexity(&model, &tokens, &ppl_opts, |d, t| {
             bar.set_length(t as u64);
             bar.set_position(d as u64);
         })?;

@@ -58,6 +58,42 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// The FP fixture, its RTN-quantized dense model, and that model saved as a packed checkpoint
+/// under `root` (in a folder named after `what`).
+fn saved_checkpoint(root: &std::path::Path, fixture_name: &str, format: Format, bits: u8, group: usize, what: &str) -> (Model, Model, PathBuf) {
+    let fp = potptq_model::load(&fixture(fixture_name)).unwrap().model;
+    let (dense, tensors) = quantize(&fp, format, bits, group);
+    let dir = root.join(what.replace(' ', "-"));
+    checkpoint::save(&dir, &dense, &tensors, &qconfig(format, bits, group), None, &[], false).unwrap();
+    (fp, dense, dir)
+}
+
+/// Four windows of 48 tokens.
+fn test_tokens(vocab: usize) -> Vec<u32> {
+    (0..4 * 48u32).map(|i| (i * 37 + 11) % vocab as u32).collect()
+}
+
+/// Perplexity over the windows of `test_tokens`, two per pass (more tokens than the GEMV path
+/// takes).
+fn ppl(m: &Model, tokens: &[u32]) -> f64 {
+    let opts = PplOptions { seq_len: 48, max_windows: None, scoring: Scoring::All, batch: 2 };
+    perplexity(m, tokens, &opts, |_, _| {}).unwrap().ppl
+}
+
+/// The largest relative gap between the logits of `a` and `b` fed `tokens` one at a time with
+/// the KV cache (one-token products).
+fn max_logit_gap(a: &Model, b: &Model, tokens: &[u32]) -> f32 {
+    let (mut ca, mut cb) = (KvCache::new(a.config.num_layers), KvCache::new(b.config.num_layers));
+    let mut gap = 0f32;
+    for &t in tokens {
+        let ids = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
+        let la = values(&a.forward(&ids, Some(&mut ca)).unwrap());
+        let lb = values(&b.forward(&ids, Some(&mut cb)).unwrap());
+        gap = gap.max(max_rel(&lb, &la));
+    }
+    gap
+}
+
 #[test]
 fn packed_checkpoint_equals_its_dequantized_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -69,31 +105,17 @@ fn packed_checkpoint_equals_its_dequantized_weights() {
         ("tiny_llama", Format::IntAsym, 4, 32),
     ] {
         let what = format!("{fixture_name} {format:?} {bits} bits g{group}");
-        let fp = potptq_model::load(&fixture(fixture_name)).unwrap().model;
-        let (dense, tensors) = quantize(&fp, format, bits, group);
-        let dir = tmp.path().join(what.replace(' ', "-"));
-        checkpoint::save(&dir, &dense, &tensors, &qconfig(format, bits, group), None, &[], false).unwrap();
+        let (fp, dense, dir) = saved_checkpoint(tmp.path(), fixture_name, format, bits, group, &what);
         let loaded = potptq_model::load(&dir).unwrap();
         let packed = &loaded.model;
         assert!(packed.blocks.iter().all(|b| BLOCK_LINEARS.iter().all(|n| b.linear(n).unwrap().packed().is_some())), "{what}");
         assert_eq!(packed.embed_tokens.dtype(), DType::F16, "{what}: embeddings stay f16");
 
-        // Perplexity over batched windows (more tokens than the GEMV path takes).
-        let vocab = fp.config.vocab_size as u32;
-        let tokens: Vec<u32> = (0..4 * 48u32).map(|i| (i * 37 + 11) % vocab).collect();
-        let opts = PplOptions { seq_len: 48, max_windows: None, scoring: Scoring::All, batch: 2 };
-        let want = perplexity(&dense, &tokens, &opts, |_, _| {}).unwrap().ppl;
-        let got = perplexity(packed, &tokens, &opts, |_, _| {}).unwrap().ppl;
+        let tokens = test_tokens(fp.config.vocab_size);
+        let (want, got) = (ppl(&dense, &tokens), ppl(packed, &tokens));
         assert!(((got - want) / want).abs() <= 1e-4, "{what}: ppl {got} vs {want}");
-
-        // Token by token with the cache: one-token products.
-        let (mut cd, mut cp) = (KvCache::new(fp.config.num_layers), KvCache::new(fp.config.num_layers));
-        for &t in &tokens[..6] {
-            let ids = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
-            let a = values(&dense.forward(&ids, Some(&mut cd)).unwrap());
-            let b = values(&packed.forward(&ids, Some(&mut cp)).unwrap());
-            assert!(max_rel(&b, &a) <= 1e-5, "{what}: logits differ by {}", max_rel(&b, &a));
-        }
+        let gap = max_logit_gap(&dense, packed, &tokens[..6]);
+        assert!(gap <= 1e-5, "{what}: logits differ by {gap}");
 
         // Export from the packed model writes the dequantized weights.
         let out = tmp.path().join(format!("{}-export", what.replace(' ', "-")));
@@ -132,10 +154,7 @@ fn on_a_gpu_the_packed_checkpoint_equals_the_cpu() {
         ("tiny_qwen2", Format::IntAsym, 3),
     ] {
         let what = format!("{fixture_name} {format:?} {bits} bits g64");
-        let fp = potptq_model::load(&fixture(fixture_name)).unwrap().model;
-        let (dense, tensors) = quantize(&fp, format, bits, 64);
-        let dir = tmp.path().join(what.replace(' ', "-"));
-        checkpoint::save(&dir, &dense, &tensors, &qconfig(format, bits, 64), None, &[], false).unwrap();
+        let (fp, _, dir) = saved_checkpoint(tmp.path(), fixture_name, format, bits, 64, &what);
         let cpu = potptq_model::load(&dir).unwrap().model;
         let on_gpu = cpu.to_device(&gpu).unwrap();
         for b in &on_gpu.blocks {
@@ -145,21 +164,12 @@ fn on_a_gpu_the_packed_checkpoint_equals_the_cpu() {
             }
         }
 
-        let vocab = fp.config.vocab_size as u32;
-        let tokens: Vec<u32> = (0..4 * 48u32).map(|i| (i * 37 + 11) % vocab).collect();
-        let opts = PplOptions { seq_len: 48, max_windows: None, scoring: Scoring::All, batch: 2 };
-        let ppl = |m: &Model| perplexity(m, &tokens, &opts, |_, _| {}).unwrap().ppl;
-        let (want, got) = (ppl(&cpu), ppl(&on_gpu));
+        let tokens = test_tokens(fp.config.vocab_size);
+        let (want, got) = (ppl(&cpu, &tokens), ppl(&on_gpu, &tokens));
         assert!(((got - want) / want).abs() <= 2e-3, "{what}: ppl {got} on the GPU vs {want}");
-        let (want, got) = (ppl(&fp), ppl(&fp.to_device(&gpu).unwrap()));
+        let (want, got) = (ppl(&fp, &tokens), ppl(&fp.to_device(&gpu).unwrap(), &tokens));
         assert!(((got - want) / want).abs() <= 1e-4, "{fixture_name} FP: ppl {got} on the GPU vs {want}");
-
-        let (mut cc, mut cg) = (KvCache::new(fp.config.num_layers), KvCache::new(fp.config.num_layers));
-        for &t in &tokens[..6] {
-            let ids = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
-            let a = values(&cpu.forward(&ids, Some(&mut cc)).unwrap());
-            let b = values(&on_gpu.forward(&ids, Some(&mut cg)).unwrap());
-            assert!(max_rel(&b, &a) <= 1e-2, "{what}: logits differ by {}", max_rel(&b, &a));
-        }
+        let gap = max_logit_gap(&cpu, &on_gpu, &tokens[..6]);
+        assert!(gap <= 1e-2, "{what}: logits differ by {gap}");
     }
 }

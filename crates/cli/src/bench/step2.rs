@@ -21,7 +21,7 @@ use potptq_model::Config;
 use potptq_quant::{pot, GroupLayout};
 use serde_json::json;
 
-use crate::common::print_json;
+use crate::common::{print_json, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct Step2Args {
@@ -71,11 +71,11 @@ fn sync(d: &Device) -> Result<()> {
 
 pub fn run(a: Step2Args) -> Result<()> {
     let device = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if candle_core::utils::cuda_is_available() => Device::new_cuda(0)?,
-        "cuda" => bail!("--device cuda needs a build with the `cuda` feature (scripts/build-cuda.sh) and a GPU"),
+        "cpu" => DeviceArg::Cpu,
+        "cuda" => DeviceArg::Cuda,
         other => bail!("--device {other}: cpu or cuda"),
-    };
+    }
+    .device()?;
     ensure!(!a.tf32 || matches!(device, Device::Cuda(_)), "--tf32 needs --device cuda");
     candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     ensure!(a.hidden % a.heads == 0, "hidden size {} is not a multiple of {} heads", a.hidden, a.heads);
