@@ -217,6 +217,17 @@ mod tests {
     }
 
     #[test]
+    fn tensor_op_attention_rejects_bad_shapes() {
+        let t = |h: usize, n: usize| Tensor::zeros((1, h, n, 8), DType::F32, &Device::Cpu).unwrap();
+        let e = grouped_attention(&t(3, 2), &t(2, 2), &t(2, 2), None).unwrap_err();
+        assert!(e.to_string().contains("3 query heads are not a multiple of 2 KV heads"), "{e}");
+        let e = grouped_attention(&t(2, 5), &t(1, 4), &t(1, 4), None).unwrap_err();
+        assert!(e.to_string().contains("more queries (5) than keys (4)"), "{e}");
+        let e = causal_mask(1, 5, 4, DType::F32, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("more queries (5) than keys (4)"), "{e}");
+    }
+
+    #[test]
     fn rejects_mismatched_buffers() {
         let s = AttnShape { batch: 1, heads: 2, kv_heads: 1, queries: 2, keys: 2, head_dim: 4 };
         assert!(causal_attention(s, &[0.0; 15], &[0.0; 8], &[0.0; 8]).is_err());
