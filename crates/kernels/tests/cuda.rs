@@ -57,7 +57,7 @@ fn gpu_kernels_match_the_cpu_reference() {
                 let xb: Vec<u16> = x.iter().map(|h| h.to_bits()).collect();
                 let xd = stream.clone_htod(&xb).unwrap();
                 let want = reference_matmul(&m, &x, tokens);
-                let abs: Vec<f64> = (0..tokens * rows).map(|i| (0..cols).map(|c| (m.weight(i % rows, c).to_f64() * x[(i / rows) * cols + c].to_f64()).abs()).sum()).collect();
+                let abs: Vec<f64> = (0..tokens * rows).map(|i| (0..cols).map(|c| (m.weight(i % rows, c) * x[(i / rows) * cols + c].to_f64()).abs()).sum()).collect();
                 // The chosen configuration, then every instantiation that fits the rows.
                 let configs = std::iter::once(None).chain(CONFIGS.iter().filter(|c| rows % (16 * c.mr) == 0).map(|&c| Some(c)));
                 for config in configs {

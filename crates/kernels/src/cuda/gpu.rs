@@ -28,7 +28,20 @@ const fn c(mr: usize, nt: usize, ks: usize, u: usize) -> Config {
 }
 
 /// The instantiations in `qgemm.cu` (`QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 9] = [c(1, 1, 8, 4), c(1, 1, 16, 2), c(1, 1, 16, 4), c(1, 1, 32, 2), c(1, 2, 8, 4), c(1, 4, 8, 2), c(1, 8, 8, 2), c(2, 4, 4, 2), c(2, 8, 4, 2)];
+pub const CONFIGS: [Config; 12] = [
+    c(1, 1, 8, 4),
+    c(1, 1, 8, 8),
+    c(1, 1, 16, 2),
+    c(1, 1, 16, 4),
+    c(1, 1, 32, 2),
+    c(2, 1, 8, 4),
+    c(2, 1, 16, 2),
+    c(1, 2, 8, 4),
+    c(1, 4, 8, 2),
+    c(1, 8, 8, 2),
+    c(2, 4, 4, 2),
+    c(2, 8, 4, 2),
+];
 
 /// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
 pub fn single_tile_configs() -> impl Iterator<Item = Config> {

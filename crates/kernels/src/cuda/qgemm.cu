@@ -3,11 +3,13 @@
 // no headers: half-precision arithmetic is written in PTX.
 //
 // Y[tok][row] = sum_k W[row][k] * X[tok][k]; X is f16 [B][K], Y f16 [B][N].
-// A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them
-// (warp w takes tiles w, w+KS, ...), loading U tiles ahead, and add their partial sums in
-// shared memory at the end. Each lane decodes its pairs of weights straight into the A
-// fragments of the mma: PoT as bits(s)·0x10001 + fields (one 32-bit add for two f16
-// weights), INT as ((fields | 0x6400·0x10001) − (1024 + z)) · s.
+// A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them (warp w
+// takes tiles w, w+KS, ...) and add their partial sums in shared memory at the end. A warp
+// keeps U tiles in flight in registers: when it has used a tile, it loads the one U ahead
+// into the same registers. Each lane decodes its pairs of weights straight into the A
+// fragments of the mma, unscaled: PoT as 0x4000·0x10001 | fields (±2^(1+E), one lop3 after
+// the rotation), INT as (fields | 0x6400·0x10001) − (1024 + z) (the exact q − z). The group
+// scale multiplies each tile's f32 partial sums.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -16,17 +18,53 @@ __device__ __forceinline__ u32 rotl(u32 x, int r) {
     return r == 0 ? x : __funnelshift_l(x, x, r);
 }
 
+__device__ __forceinline__ constexpr u32 rotr_const(u32 x, int r) {
+    return r == 0 ? x : (x >> r) | (x << (32 - r));
+}
+
+// The codes stream through once: no L1 allocation.
 __device__ __forceinline__ u32 ld_stream(const u32* p) {
     u32 v;
     asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
 
+__device__ __forceinline__ uint2 ld_stream2(const u32* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint4 ld_stream4(const u32* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Scales and activations are re-read by other warps and blocks: cached.
 __device__ __forceinline__ u32 ld_nc(const u32* p) {
     u32 v;
     asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
+
+__device__ __forceinline__ uint4 ld_nc4(const u32* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Any bitwise function of three words in one instruction: LUT is its truth table over
+// a = 0xF0, b = 0xCC, c = 0xAA. Written out because the compiler splits `(x & m) | k` with
+// two constants into two.
+template <u32 LUT>
+__device__ __forceinline__ u32 lop3(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(LUT));
+    return d;
+}
+constexpr u32 SELECT = 0xE2;   // (a & b) | (c & ~b)
+constexpr u32 MASK_OR = 0xEA;  // (a & b) | c
 
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     u32 d;
@@ -34,10 +72,10 @@ __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     return d;
 }
 
-__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
-    u32 d;
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
+__device__ __forceinline__ float f16lo_to_f32(u32 v) {
+    float f;
+    asm("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(v));
+    return f;
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
@@ -53,100 +91,125 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The fields of pair p (see layout.rs: planes, rotations, masks).
+// Pair p's fields OR-ed into `base` (layout.rs: planes, rotations, masks; `kernel_fields`
+// is this on the CPU): one rotation of a word holding both planes' bits, then one lop3 that
+// masks and decodes. `w2r` is the 1-bit plane of 3-bit codes rotated by one, for pairs 8..16.
 template <int BITS, bool POT>
-__device__ __forceinline__ u32 fields(const u32 (&w)[BITS], int p) {
+__device__ __forceinline__ u32 decode_fields(const u32 (&w)[BITS], u32 w2r, int p, u32 base) {
     const u32 MA = POT ? (BITS == 2 ? 0x84008400u : 0x0C000C00u) : 0x00030003u;
-    u32 f = rotl(w[p >> 3], 2 * (p & 7)) & MA;
-    if (BITS == 3) {
-        const u32 MB = POT ? 0x80008000u : 0x00040004u;
-        f |= rotl(w[2], p) & MB;
+    const u32 MB = BITS == 2 ? 0u : BITS == 3 ? (POT ? 0x80008000u : 0x00040004u) : (POT ? 0x90009000u : 0x000C000Cu);
+    const int r = 2 * (p & 7);
+    u32 word = w[p >> 3];
+    if (BITS != 2) {
+        const u32 hi = BITS == 4 ? w[(2 + (p >> 3)) % BITS] : (p < 8 ? w[BITS - 1] : w2r);
+        word = lop3<SELECT>(word, rotr_const(MA, r), hi);
     }
-    if (BITS == 4) {
-        const u32 MB = POT ? 0x90009000u : 0x000C000Cu;
-        f |= rotl(w[2 + (p >> 3)], 2 * (p & 7)) & MB;
-    }
-    return f;
+    return lop3<MASK_OR>(rotl(word, r), MA | MB, base);
 }
 
-// The codes and group parameters of the U tiles of one step of a warp (tiles kt0 + u·KS).
-template <int BITS, int MR, int U>
-struct Stage {
-    u32 w[U][MR][BITS];
-    u32 meta[U][MR][2];
+// One K tile of MR row tiles as a warp holds it: each lane's code words and the scales of
+// its two rows; for one token tile, the lane's 16 activations too (more token tiles load
+// theirs when the tile is used: `x` is then unused and costs no registers).
+template <int BITS, int MR, int NT>
+struct Tile {
+    u32 w[MR][BITS];
+    u32 meta[MR][2];
+    u32 x[8];
 };
 
-template <int BITS, int MR, int KS, int U>
-__device__ __forceinline__ void load_stage(Stage<BITS, MR, U>& st, const u32* __restrict__ W, const u32* __restrict__ meta,
-                                           int rt0, int kt0, int ktiles, int N, int tiles_per_group, int lane, int g) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int kt = kt0 + u * KS;
-        if (kt < ktiles) {
-            const int grp = kt / tiles_per_group;
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-#pragma unroll
-                for (int i = 0; i < BITS; i++)
-                    st.w[u][m][i] = ld_stream(W + ((size_t)((rt0 + m) * ktiles + kt) * BITS + i) * 32 + lane);
-                const u32* mp = meta + (size_t)grp * N + (rt0 + m) * 16 + g;
-                st.meta[u][m][0] = ld_nc(mp);
-                st.meta[u][m][1] = ld_nc(mp + 8);
-            }
-        }
-    }
+// Lane t's 16 activations of a tile for one token, from `p` (X as u32: two f16 a word).
+__device__ __forceinline__ void load_x(u32 (&x)[8], const u32* p) {
+    const uint4 a = ld_nc4(p), b = ld_nc4(p + 4);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
 }
 
-template <int BITS, bool POT, int MR, int NT, int KS, int U>
-__device__ __forceinline__ void compute_stage(float (&acc)[MR][NT][4], const Stage<BITS, MR, U>& st, const u16* __restrict__ X,
-                                              int kt0, int ktiles, int K, int B, int g, int t) {
+// Where a warp's next K tile is: its codes (row tile rt0), its index, and for one token tile
+// the lane's activations. Advanced by KS tiles after each load.
+struct Cursor {
+    const u32* w;
+    const u32* x;
+    int kt;
+};
+
+template <int BITS, int MR, int NT, int KS>
+__device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, const u32* __restrict__ meta_rows,
+                                          size_t row_tile_words, int N, int group_shift, int tiles_per_group) {
+    const int grp = group_shift >= 0 ? c.kt >> group_shift : c.kt / tiles_per_group;
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int kt = kt0 + u * KS;
-        if (kt < ktiles) {
-            u32 s_lo[MR], s_hi[MR], z_lo[MR], z_hi[MR];
+    for (int m = 0; m < MR; m++) {
+        const u32* wp = c.w + m * row_tile_words;
+        if (BITS == 4) {
+            const uint4 v = ld_stream4(wp);
+            tl.w[m][0] = v.x; tl.w[m][1] = v.y; tl.w[m][2 % BITS] = v.z; tl.w[m][3 % BITS] = v.w;
+        } else {
+            const uint2 v = ld_stream2(wp);
+            tl.w[m][0] = v.x; tl.w[m][1] = v.y;
+            // The 1-bit plane: 64 words after the tile's 2-bit plane, back from this lane's pair.
+            if (BITS == 3) tl.w[m][2 % BITS] = ld_stream(wp + 64 - (threadIdx.x & 31));
+        }
+        const u32* mp = meta_rows + (size_t)grp * N + m * 16;
+        tl.meta[m][0] = ld_nc(mp);
+        tl.meta[m][1] = ld_nc(mp + 8);
+    }
+    if (NT == 1) load_x(tl.x, c.x);
+    c.w += KS * BITS * 32;
+    c.x += KS * 32;
+    c.kt += KS;
+}
+
+// With more than one token tile, the activations are loaded here: `x_t` is X as u32 words
+// from lane t's column, and a lane whose token is past the last reads the last token's (its
+// products land in output columns that are never stored).
+template <int BITS, bool POT, int MR, int NT>
+__device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile<BITS, MR, NT>& tl, const u32* x_t,
+                                             int K, int B, int g, int kt) {
+    u32 xb[NT][8];
 #pragma unroll
-            for (int m = 0; m < MR; m++) {
-                const u32 a = st.meta[u][m][0], b = st.meta[u][m][1];
-                s_lo[m] = (a & 0xFFFFu) * 0x10001u;
-                s_hi[m] = (b & 0xFFFFu) * 0x10001u;
-                z_lo[m] = (a >> 16) * 0x10001u;
-                z_hi[m] = (b >> 16) * 0x10001u;
+    for (int nt = 0; nt < NT; nt++) {
+        if (NT == 1) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) xb[nt][i] = tl.x[i];
+        } else {
+            load_x(xb[nt], x_t + (size_t)min(nt * 8 + g, B - 1) * (K >> 1) + kt * 32);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        float s_lo, s_hi;
+        u32 z_lo = 0u, z_hi = 0u;
+        if (POT) {
+            s_lo = __uint_as_float(tl.meta[m][0]);
+            s_hi = __uint_as_float(tl.meta[m][1]);
+        } else {
+            s_lo = f16lo_to_f32(tl.meta[m][0]);
+            s_hi = f16lo_to_f32(tl.meta[m][1]);
+            z_lo = __byte_perm(tl.meta[m][0], 0u, 0x3232);
+            z_hi = __byte_perm(tl.meta[m][1], 0u, 0x3232);
+        }
+        const u32 w2r = BITS == 3 ? rotl(tl.w[m][2 % BITS], 1) : 0u;
+        float d[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) d[nt][j] = 0.f;
+#pragma unroll
+        for (int step = 0; step < 4; step++) {
+            u32 a[4];
+#pragma unroll
+            for (int reg = 0; reg < 4; reg++) {
+                const u32 h = decode_fields<BITS, POT>(tl.w[m], w2r, step * 4 + reg, POT ? 0x40004000u : 0x64006400u);
+                a[reg] = POT ? h : hsub2(h, (reg & 1) ? z_hi : z_lo);
             }
 #pragma unroll
-            for (int step = 0; step < 4; step++) {
-                u32 bf[NT][2];
-                const int k = kt * 64 + step * 16 + 2 * t;
+            for (int nt = 0; nt < NT; nt++) mma16816(d[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
+        }
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const int n = nt * 8 + g;
-                    if (n < B) {
-                        const u32* xp = (const u32*)(X + (size_t)n * K + k);
-                        bf[nt][0] = __ldg(xp);
-                        bf[nt][1] = __ldg(xp + 4);
-                    } else {
-                        bf[nt][0] = 0u;
-                        bf[nt][1] = 0u;
-                    }
-                }
-#pragma unroll
-                for (int m = 0; m < MR; m++) {
-                    u32 a[4];
-#pragma unroll
-                    for (int reg = 0; reg < 4; reg++) {
-                        const u32 f = fields<BITS, POT>(st.w[u][m], step * 4 + reg);
-                        const u32 s2 = (reg & 1) ? s_hi[m] : s_lo[m];
-                        if (POT) {
-                            a[reg] = s2 + f;
-                        } else {
-                            const u32 z2 = (reg & 1) ? z_hi[m] : z_lo[m];
-                            a[reg] = hmul2(hsub2(f | 0x64006400u, z2), s2);
-                        }
-                    }
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) mma16816(acc[m][nt], a, bf[nt][0], bf[nt][1]);
-                }
-            }
+        for (int nt = 0; nt < NT; nt++) {
+            acc[m][nt][0] = fmaf(s_lo, d[nt][0], acc[m][nt][0]);
+            acc[m][nt][1] = fmaf(s_lo, d[nt][1], acc[m][nt][1]);
+            acc[m][nt][2] = fmaf(s_hi, d[nt][2], acc[m][nt][2]);
+            acc[m][nt][3] = fmaf(s_hi, d[nt][3], acc[m][nt][3]);
         }
     }
 }
@@ -158,6 +221,14 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int ktiles = K >> 6;
     const int rt0 = blockIdx.x * MR;
+    // This warp's tiles: kt = warp + j·KS for j < count.
+    const int count = ktiles > warp ? (ktiles - warp + KS - 1) / KS : 0;
+    const int group_shift = (tiles_per_group & (tiles_per_group - 1)) == 0 ? __ffs(tiles_per_group) - 1 : -1;
+    const size_t row_tile_words = (size_t)ktiles * BITS * 32;
+    const u32* x_t = (const u32*)X + 8 * t;
+    const u32* meta_rows = meta + rt0 * 16 + g;
+    Cursor next{W + rt0 * row_tile_words + (size_t)warp * BITS * 32 + (BITS == 4 ? 4 : 2) * lane, x_t + (size_t)min(g, B - 1) * (K >> 1) + warp * 32, warp};
+
     float acc[MR][NT][4];
 #pragma unroll
     for (int m = 0; m < MR; m++)
@@ -166,12 +237,19 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[m][nt][j] = 0.f;
 
-    // A step loads U tiles and their scales together, then decodes them; more warps per SM
-    // (not deeper per-warp buffering, measured slower) hide the latency.
-    Stage<BITS, MR, U> st;
-    for (int kt0 = warp; kt0 < ktiles; kt0 += KS * U) {
-        load_stage<BITS, MR, KS, U>(st, W, meta, rt0, kt0, ktiles, N, tiles_per_group, lane, g);
-        compute_stage<BITS, POT, MR, NT, KS, U>(acc, st, X, kt0, ktiles, K, B, g, t);
+    Tile<BITS, MR, NT> tl[U];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+    for (int j0 = 0; j0 < count; j0 += U) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = j0 + u;
+            if (j < count) {
+                compute_tile<BITS, POT, MR, NT>(acc, tl[u], x_t, K, B, g, warp + j * KS);
+                if (j + U < count) load_tile<BITS, MR, NT, KS>(tl[u], next, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+            }
+        }
     }
 
     constexpr int E = MR * NT * 4 * 32;
@@ -203,9 +281,12 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 
 #define QGEMM_CONFIGS(NAME, BITS, POT)  \
     QGEMM(NAME, BITS, POT, 1, 1, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 1, 8, 8)  \
     QGEMM(NAME, BITS, POT, 1, 1, 16, 2) \
     QGEMM(NAME, BITS, POT, 1, 1, 16, 4) \
     QGEMM(NAME, BITS, POT, 1, 1, 32, 2) \
+    QGEMM(NAME, BITS, POT, 2, 1, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 2, 1, 16, 2) \
     QGEMM(NAME, BITS, POT, 1, 2, 8, 4)  \
     QGEMM(NAME, BITS, POT, 1, 4, 8, 2)  \
     QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
