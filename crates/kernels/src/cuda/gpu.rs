@@ -13,22 +13,45 @@ pub const SOURCE: &str = include_str!("qgemm.cu");
 /// Tokens per launch; more are done in chunks.
 pub const MAX_TOKENS: usize = 64;
 
-/// One instantiation of the kernel template: `mr` row tiles of 16 per block, `nt` token tiles
-/// of 8, `ks` warps splitting K, `u` K tiles loaded ahead per warp.
+/// One instantiation of a kernel template: `mr` row tiles of 16 per block, `nt` token tiles
+/// of 8, `ks` warps splitting K, `u` K tiles in flight per warp; held in registers, or with
+/// `smem`, copied by `cp.async` into a ring of `u` stages in shared memory (one token tile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     pub mr: usize,
     pub nt: usize,
     pub ks: usize,
     pub u: usize,
+    pub smem: bool,
 }
 
 const fn c(mr: usize, nt: usize, ks: usize, u: usize) -> Config {
-    Config { mr, nt, ks, u }
+    Config { mr, nt, ks, u, smem: false }
 }
 
-/// The instantiations in `qgemm.cu` (`QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 12] = [
+const fn ring(mr: usize, ks: usize, stages: usize) -> Config {
+    Config { mr, nt: 1, ks, u: stages, smem: true }
+}
+
+impl Config {
+    /// Dynamic shared memory of a block at `bits` (`qgemv_async_body`): per warp, stage, row
+    /// tile and lane, the codes and two scales; then the reduction.
+    pub fn shared_bytes(&self, bits: u8) -> usize {
+        if !self.smem {
+            return 0;
+        }
+        4 * (self.ks * self.u * self.mr * 32 * (bits as usize + 2) + self.ks * self.mr * 4 * 32)
+    }
+}
+
+/// The instantiations in `qgemm.cu` (`QGEMV_ASYNC_CONFIGS`, `QGEMM_CONFIGS`).
+pub const CONFIGS: [Config; 18] = [
+    ring(1, 8, 8),
+    ring(1, 8, 16),
+    ring(1, 16, 4),
+    ring(1, 16, 8),
+    ring(2, 8, 8),
+    ring(2, 16, 4),
     c(1, 1, 8, 4),
     c(1, 1, 8, 8),
     c(1, 1, 16, 2),
@@ -65,7 +88,8 @@ pub fn config_for(tokens: usize, rows: usize) -> Config {
 }
 
 pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
-    format!("{}_b{bits}_m{}_n{}_k{}_u{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
+    let depth = if c.smem { 's' } else { 'u' };
+    format!("{}_b{bits}_m{}_n{}_k{}_{depth}{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
 }
 
 /// `qgemm.cu` compiled for the GPU of `stream`.
@@ -103,6 +127,11 @@ impl Kernels {
                 for c in CONFIGS {
                     let name = kernel_name(pot, bits, c);
                     let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
+                    let shared = c.shared_bytes(bits);
+                    if shared > 48 * 1024 {
+                        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).with_context(|| format!("{name}: {shared} bytes of shared memory"))?;
+                    }
                     funcs.insert(name, f);
                 }
             }
@@ -163,7 +192,7 @@ impl Kernels {
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * 2) as u64, y + (done * w.rows * 2) as u64);
             let bi = b as i32;
-            let cfg = LaunchConfig { grid_dim: ((w.rows / 16 / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: ((w.rows / 16 / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
             let mut l = self.stream.launch_builder(f);
             l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg);
             l.launch(cfg)?;

@@ -214,6 +214,30 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
     }
 }
 
+// The KS warps' partial sums added in shared memory (`red`: KS · MR · NT · 128 floats) and
+// stored as f16.
+template <int MR, int NT, int KS>
+__device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], float* red, u16* __restrict__ Y, int N, int B, int rt0) {
+    constexpr int E = MR * NT * 4 * 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) red[warp * E + ((m * NT + nt) * 4 + j) * 32 + lane] = acc[m][nt][j];
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += 32 * KS) {
+        float s = 0.f;
+#pragma unroll
+        for (int w2 = 0; w2 < KS; w2++) s += red[w2 * E + e];
+        const int l = e & 31, j = (e >> 5) & 3, nt = (e >> 7) % NT, m = (e >> 7) / NT;
+        const int row = (rt0 + m) * 16 + (l >> 2) + 8 * (j >> 1);
+        const int tok = nt * 8 + 2 * (l & 3) + (j & 1);
+        if (tok < B) Y[(size_t)tok * N + row] = f32_to_f16(s);
+    }
+}
+
 template <int BITS, bool POT, int MR, int NT, int KS, int U>
 __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta,
                                            const u16* __restrict__ X, u16* __restrict__ Y,
@@ -254,22 +278,110 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 
     constexpr int E = MR * NT * 4 * 32;
     __shared__ float red[KS * E];
+    reduce_store<MR, NT, KS>(acc, red, Y, N, B, rt0);
+}
+
+
+// cp.async (global → shared, bypassing registers) for the single-token-tile products: a lane
+// copies its own codes and scales of the next tiles into its own slots of a ring of S stages
+// and reads back only those, so no barrier is needed; S − 1 tiles per warp stay in flight at
+// no register cost.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+template <int BYTES>
+__device__ __forceinline__ void cp_async(u32 dst, const void* src) {
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(BYTES));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+template <int BITS, bool POT, int MR, int KS, int S>
+__device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, const u32* __restrict__ meta,
+                                                 const u16* __restrict__ X, u16* __restrict__ Y,
+                                                 int N, int K, int B, int tiles_per_group) {
+    // Dynamic shared memory (gpu.rs sizes it): per warp, stage, row tile and lane, a run of RW
+    // code words, [the third word of 3-bit codes,] two scales; then the reduction.
+    extern __shared__ u32 smem[];
+    constexpr int RW = BITS == 4 ? 4 : 2;  // words a lane copies as one run per tile
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ktiles = K >> 6;
+    const int rt0 = blockIdx.x * MR;
+    const int count = ktiles > warp ? (ktiles - warp + KS - 1) / KS : 0;
+    const int group_shift = (tiles_per_group & (tiles_per_group - 1)) == 0 ? __ffs(tiles_per_group) - 1 : -1;
+    const size_t row_tile_words = (size_t)ktiles * BITS * 32;
+    const u32* x_lane = (const u32*)X + 8 * t + (size_t)min(g, B - 1) * (K >> 1);
+    const u32* meta_rows = meta + rt0 * 16 + g;
+    // This lane's slots: codes [stage][m] (RW words), the 3-bit third word, scales (2 words).
+    u32* runs = smem + (warp * S * MR * 32 + lane) * RW;
+    u32* thirds = smem + KS * S * MR * 32 * RW + warp * S * MR * 32 + lane;
+    u32* scales = smem + KS * S * MR * 32 * (BITS == 3 ? 3 : RW) + (warp * S * MR * 32 + lane) * 2;
+    const u32 runs_at = smem_addr(runs), thirds_at = smem_addr(thirds), scales_at = smem_addr(scales);
+    const u32* wnext = W + rt0 * row_tile_words + (size_t)warp * BITS * 32 + RW * lane;
+    int ktnext = warp;
+
+    auto issue = [&](int stage) {
+        const int grp = group_shift >= 0 ? ktnext >> group_shift : ktnext / tiles_per_group;
+#pragma unroll
+        for (int m = 0; m < MR; m++) {
+            const int slot = stage * MR + m;
+            const u32* wp = wnext + m * row_tile_words;
+            cp_async<RW * 4>(runs_at + slot * 32 * RW * 4, wp);
+            if (BITS == 3) cp_async<4>(thirds_at + slot * 32 * 4, wp + 64 - lane);
+            const u32* mp = meta_rows + (size_t)grp * N + m * 16;
+            cp_async<4>(scales_at + slot * 32 * 8, mp);
+            cp_async<4>(scales_at + slot * 32 * 8 + 4, mp + 8);
+        }
+        wnext += KS * BITS * 32;
+        ktnext += KS;
+    };
+
+    float acc[MR][1][4];
 #pragma unroll
     for (int m = 0; m < MR; m++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int j = 0; j < 4; j++) acc[m][0][j] = 0.f;
+
 #pragma unroll
-            for (int j = 0; j < 4; j++) red[warp * E + ((m * NT + nt) * 4 + j) * 32 + lane] = acc[m][nt][j];
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += 32 * KS) {
-        float s = 0.f;
-#pragma unroll
-        for (int w2 = 0; w2 < KS; w2++) s += red[w2 * E + e];
-        const int l = e & 31, j = (e >> 5) & 3, nt = (e >> 7) % NT, m = (e >> 7) / NT;
-        const int row = (rt0 + m) * 16 + (l >> 2) + 8 * (j >> 1);
-        const int tok = nt * 8 + 2 * (l & 3) + (j & 1);
-        if (tok < B) Y[(size_t)tok * N + row] = f32_to_f16(s);
+    for (int st = 0; st < S - 1; st++) {
+        if (st < count) issue(st);
+        cp_async_commit();
     }
+    for (int j = 0; j < count; j++) {
+        if (j + S - 1 < count) issue((j + S - 1) % S);
+        cp_async_commit();
+        Tile<BITS, MR, 1> tl;
+        load_x(tl.x, x_lane + (warp + j * KS) * 32);
+        cp_async_wait<S - 1>();
+        const int stage = j % S;
+#pragma unroll
+        for (int m = 0; m < MR; m++) {
+            const int slot = stage * MR + m;
+            const u32* r = runs + slot * 32 * RW;
+            if (BITS == 4) {
+                const uint4 v = *(const uint4*)r;
+                tl.w[m][0] = v.x; tl.w[m][1] = v.y; tl.w[m][2 % BITS] = v.z; tl.w[m][3 % BITS] = v.w;
+            } else {
+                const uint2 v = *(const uint2*)r;
+                tl.w[m][0] = v.x; tl.w[m][1] = v.y;
+                if (BITS == 3) tl.w[m][2 % BITS] = thirds[slot * 32];
+            }
+            const uint2 sc = *(const uint2*)(scales + slot * 32 * 2);
+            tl.meta[m][0] = sc.x;
+            tl.meta[m][1] = sc.y;
+        }
+        compute_tile<BITS, POT, MR, 1>(acc, tl, x_lane, K, B, g, 0);
+    }
+    cp_async_wait<0>();
+
+    float* red = (float*)(smem + KS * S * MR * 32 * (BITS + 2));
+    reduce_store<MR, 1, KS>(acc, red, Y, N, B, rt0);
 }
 
 #define QGEMM(NAME, BITS, POT, MR, NT, KS, U)                                                      \
@@ -292,6 +404,28 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
     QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
     QGEMM(NAME, BITS, POT, 2, 4, 4, 2)  \
     QGEMM(NAME, BITS, POT, 2, 8, 4, 2)
+
+#define QGEMV_ASYNC(NAME, BITS, POT, MR, KS, S)                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
+        NAME##_b##BITS##_m##MR##_n1_k##KS##_s##S(const u32* W, const u32* meta, const u16* X,      \
+                                                 u16* Y, int N, int K, int B, int tpg) {           \
+        qgemv_async_body<BITS, POT, MR, KS, S>(W, meta, X, Y, N, K, B, tpg);                       \
+    }
+
+#define QGEMV_ASYNC_CONFIGS(NAME, BITS, POT) \
+    QGEMV_ASYNC(NAME, BITS, POT, 1, 8, 8)    \
+    QGEMV_ASYNC(NAME, BITS, POT, 1, 8, 16)   \
+    QGEMV_ASYNC(NAME, BITS, POT, 1, 16, 4)   \
+    QGEMV_ASYNC(NAME, BITS, POT, 1, 16, 8)   \
+    QGEMV_ASYNC(NAME, BITS, POT, 2, 8, 8)    \
+    QGEMV_ASYNC(NAME, BITS, POT, 2, 16, 4)
+
+QGEMV_ASYNC_CONFIGS(pot, 2, true)
+QGEMV_ASYNC_CONFIGS(pot, 3, true)
+QGEMV_ASYNC_CONFIGS(pot, 4, true)
+QGEMV_ASYNC_CONFIGS(int, 2, false)
+QGEMV_ASYNC_CONFIGS(int, 3, false)
+QGEMV_ASYNC_CONFIGS(int, 4, false)
 
 QGEMM_CONFIGS(pot, 2, true)
 QGEMM_CONFIGS(pot, 3, true)
