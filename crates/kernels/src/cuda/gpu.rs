@@ -71,19 +71,22 @@ pub fn single_tile_configs() -> impl Iterator<Item = Config> {
     CONFIGS.into_iter().filter(|c| c.nt == 1)
 }
 
-/// Row tiles from which a single-token-tile product splits K over 8 warps loading 4 tiles
-/// ahead rather than 16 warps loading 2 (`bench cuda --sweep` on the H200: 16 × 2 is fastest
-/// up to 11008 rows, 8 × 4 at 28672).
-const MANY_ROW_TILES: usize = 1024;
-
-/// The configuration for `tokens` (≤ 64) tokens: one token tile per 8 tokens; two row tiles
-/// per block from 17 tokens on (the activations are then re-read less), when the rows allow.
-pub fn config_for(tokens: usize, rows: usize) -> Config {
+/// The configuration for `tokens` (≤ 64) tokens at `bits`: one token tile per 8 tokens. One
+/// token tile (decode), by `bench cuda --sweep` on the H200: 16 warps with two tiles in flight
+/// each, on one row tile per block, up to 4096 rows; from 8192 rows two row tiles per block
+/// (2-bit: registers; 3- and 4-bit from 16384 rows: a ring of 4 shared-memory stages). Two row
+/// tiles per block from 17 tokens on (the activations are then re-read less).
+pub fn config_for(tokens: usize, rows: usize, bits: u8) -> Config {
     let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
+    let pairs = rows % 32 == 0;
     if nt == 1 {
-        return if rows / 16 < MANY_ROW_TILES { c(1, 1, 16, 2) } else { c(1, 1, 8, 4) };
+        return match bits {
+            2 if pairs && rows >= 8192 => c(2, 1, 16, 2),
+            3 | 4 if pairs && rows >= 16384 => ring(2, 16, 4),
+            _ => c(1, 1, 16, 2),
+        };
     }
-    let mr = if nt >= 4 && rows % 32 == 0 { 2 } else { 1 };
+    let mr = if nt >= 4 && pairs { 2 } else { 1 };
     *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr).expect("an instantiated configuration")
 }
 
@@ -187,7 +190,7 @@ impl Kernels {
         let mut done = 0;
         while done < tokens {
             let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
-            let c = config.unwrap_or_else(|| config_for(b, w.rows));
+            let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
             ensure!(w.rows % (16 * c.mr) == 0, "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * 2) as u64, y + (done * w.rows * 2) as u64);

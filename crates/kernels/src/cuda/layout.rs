@@ -72,14 +72,10 @@ fn template(pot: bool, bits: u8, b: u32) -> u32 {
     }
 }
 
-/// The word (of a lane's `bits`) and the left rotation that decode pair `p` of `plane`. PoT
-/// rotates left by `2·(p % 8) [+ p / 8]`, INT right by as much: either way the fields of most
-/// pairs then sit where a plain shift (no bit wrapping around) brings them (see
-/// `kernel_fields`), PoT's high in the f16 and INT's low.
-fn slot(plane: &Plane, p: usize, pot: bool) -> (usize, u32) {
+/// The word (of a lane's `bits`) and the left rotation that decode pair `p` of `plane`.
+fn slot(plane: &Plane, p: usize) -> (usize, u32) {
     let k = plane.pairs_per_word;
-    let r = (2 * (p % 8) + (p % k) / 8) as u32;
-    (plane.first_word + p / k, if pot { r } else { (32 - r) % 32 })
+    (plane.first_word + p / k, (2 * (p % 8) + (p % k) / 8) as u32)
 }
 
 /// Where word `i` of `lane` sits in a tile's `bits · 32` words: lane by lane, in runs of 4
@@ -133,7 +129,7 @@ pub fn repack_codes(code: impl Fn(usize, usize) -> u8 + Sync, rows: usize, cols:
                     let q = code(rt * TILE_ROWS + r, kt * TILE_COLS + c + half) as u32;
                     debug_assert!(q < 1 << bits);
                     for plane in planes(bits) {
-                        let (w, rot) = slot(plane, p, pot);
+                        let (w, rot) = slot(plane, p);
                         for &cb in plane.code_bits {
                             if (q >> cb) & 1 == 1 {
                                 let pos = (template(pot, bits, cb) + 16 * half as u32 + 32 - rot) % 32;
@@ -154,7 +150,7 @@ pub fn pair_fields(words: &[u32], p: usize, bits: u8, pot: bool) -> u32 {
     planes(bits)
         .iter()
         .map(|pl| {
-            let (w, rot) = slot(pl, p, pot);
+            let (w, rot) = slot(pl, p);
             words[w].rotate_left(rot) & plane_mask(pot, bits, pl)
         })
         .fold(0, |a, f| a | f)
@@ -165,28 +161,25 @@ pub fn pair_fields(words: &[u32], p: usize, bits: u8, pot: bool) -> u32 {
 /// of 3-bit codes is rotated by one first for pairs 8..16 (once a tile in the kernel).
 pub fn kernel_fields(words: &[u32], p: usize, bits: u8, pot: bool) -> u32 {
     let m = masks(pot, bits);
-    let (_, r) = slot(&planes(bits)[0], p, pot);
+    let (_, r) = slot(&planes(bits)[0], p);
     if bits == 2 {
         return to_fields(words[p / 8], r, m[0]);
     }
     let lo = words[p / 8];
-    let third = if pot { words[2].rotate_left((p / 8) as u32) } else { words[2].rotate_right((p / 8) as u32) };
-    let hi = if bits == 4 { words[2 + p / 8] } else { third };
+    let hi = if bits == 4 { words[2 + p / 8] } else { words[2].rotate_left((p / 8) as u32) };
     let keep_lo = m[0].rotate_right(r);
     to_fields((lo & keep_lo) | (hi & !keep_lo), r, m[0] | m[1])
 }
 
 /// How the kernel brings the bits of `mask` rotated right by `r` back to `mask`: a left shift
-/// when none of them would wrap around (the kernel's shift runs on the FMA pipe, off the ALU
-/// that its `lop3`s load), a right shift by `32 − r` likewise, else a rotation.
+/// when none of them would wrap around (the kernel's shift is a multiply, on the FMA pipe, off
+/// the ALU that its `lop3`s load), else a rotation.
 pub fn field_move(mask: u32, r: u32) -> FieldMove {
     let at = mask.rotate_right(r);
     if r == 0 {
         FieldMove::None
     } else if (at << r) >> r == at {
-        FieldMove::Left
-    } else if (at >> (32 - r)) << (32 - r) == at {
-        FieldMove::Right
+        FieldMove::Shift
     } else {
         FieldMove::Rotate
     }
@@ -195,16 +188,14 @@ pub fn field_move(mask: u32, r: u32) -> FieldMove {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldMove {
     None,
-    Left,
-    Right,
+    Shift,
     Rotate,
 }
 
 fn to_fields(word: u32, r: u32, mask: u32) -> u32 {
     let moved = match field_move(mask, r) {
         FieldMove::None => word,
-        FieldMove::Left => word << r,
-        FieldMove::Right => word >> (32 - r),
+        FieldMove::Shift => word << r,
         FieldMove::Rotate => word.rotate_left(r),
     };
     moved & mask
@@ -366,7 +357,7 @@ mod tests {
                 let mut used = vec![0u32; bits as usize];
                 for plane in planes(bits) {
                     for p in 0..PAIRS {
-                        let (w, rot) = slot(plane, p, pot);
+                        let (w, rot) = slot(plane, p);
                         let at = plane_mask(pot, bits, plane).rotate_right(rot);
                         assert_eq!(used[w] & at, 0, "pot {pot} bits {bits}: pair {p} overlaps in word {w}");
                         used[w] |= at;
@@ -437,16 +428,12 @@ mod tests {
     fn planes_of_a_pair_share_its_rotation() {
         // What lets the kernel select both planes' bits with one lop3 before one rotation; the
         // 1-bit plane of 3-bit codes is one bit further for pairs 8..16 (one shift a tile).
-        for pot in [true, false] {
-            for bits in [3u8, 4] {
-                let pl = planes(bits);
-                for p in 0..PAIRS {
-                    let (_, r0) = slot(&pl[0], p, pot);
-                    let (_, r1) = slot(&pl[1], p, pot);
-                    let third = if bits == 3 { (p / 8) as u32 } else { 0 };
-                    let want = if pot { r0 + third } else { (r0 + 32 - third) % 32 };
-                    assert_eq!(r1, want, "pot {pot} {bits} bits, pair {p}");
-                }
+        for bits in [3u8, 4] {
+            let pl = planes(bits);
+            for p in 0..PAIRS {
+                let (_, r0) = slot(&pl[0], p);
+                let (_, r1) = slot(&pl[1], p);
+                assert_eq!(r1, r0 + if bits == 3 { (p / 8) as u32 } else { 0 }, "{bits} bits, pair {p}");
             }
         }
     }
@@ -468,12 +455,14 @@ mod tests {
 
     #[test]
     fn most_pairs_move_into_place_by_a_shift() {
-        // Of a lane's 16 pairs per tile, those whose fields a shift moves (the rest: pair 0 and
-        // 8 need no move, the others a rotation). PoT's fields sit high in the f16 (exponent
-        // from bit 10, sign at 15), so only rotations up to 10 shift left; INT's sit at bit 0.
-        for (pot, bits, shifts) in [(true, 2, 10), (true, 3, 10), (true, 4, 10), (false, 2, 14), (false, 3, 12), (false, 4, 12)] {
+        // Of a lane's 16 pairs per tile, those whose fields a left shift moves (pairs 0 and 8
+        // need no move, the others a rotation). PoT's fields sit high in the f16 (exponent from
+        // bit 10, sign at 15), so rotations up to 10 are shifts; INT's sit at bit 0, where the
+        // shift would be a right shift, which as a multiply (IMAD.HI) measured slower on the
+        // H200 than the rotation: INT keeps the rotation.
+        for (pot, bits, shifts) in [(true, 2, 10), (true, 3, 10), (true, 4, 10), (false, 2, 0), (false, 3, 0), (false, 4, 0)] {
             let m = masks(pot, bits).iter().fold(0, |a, m| a | m);
-            let n = (0..PAIRS).filter(|&p| matches!(field_move(m, slot(&planes(bits)[0], p, pot).1), FieldMove::Left | FieldMove::Right)).count();
+            let n = (0..PAIRS).filter(|&p| field_move(m, slot(&planes(bits)[0], p).1) == FieldMove::Shift).count();
             assert_eq!(n, shifts, "pot {pot} bits {bits}");
         }
     }

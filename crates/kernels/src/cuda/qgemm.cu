@@ -91,27 +91,26 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Brings the bits of MASK rotated right by r back to MASK (layout.rs `field_move`): a shift
-// when none wraps around, written as a multiply so that it runs on the FMA pipe beside the
-// ALU's lop3s, else a rotation.
+// Brings the bits of MASK rotated right by r back to MASK (layout.rs `field_move`): a left
+// shift when none wraps around, written as a multiply so that it runs on the FMA pipe beside
+// the ALU's lop3s, else a rotation.
 template <u32 MASK>
 __device__ __forceinline__ u32 move_fields(u32 x, int r) {
     const u32 at = rotr_const(MASK, r);
     if (r == 0) return x;
     if (((at << r) >> r) == at) return x * (1u << r);
-    if (((at >> (32 - r)) << (32 - r)) == at) return __umulhi(x, 1u << r);
     return rotl(x, r);
 }
 
 // Pair p's fields OR-ed into `base` (layout.rs: planes, rotations, masks; `kernel_fields`
 // is this on the CPU): both planes' bits selected into one word (one lop3), moved into place
-// once, then one lop3 that masks and decodes. PoT rotates left, INT right. `w2r` is the 1-bit
-// plane of 3-bit codes rotated by one, for pairs 8..16.
+// once, then one lop3 that masks and decodes. `w2r` is the 1-bit plane of 3-bit codes
+// rotated by one, for pairs 8..16.
 template <int BITS, bool POT>
 __device__ __forceinline__ u32 decode_fields(const u32 (&w)[BITS], u32 w2r, int p, u32 base) {
     const u32 MA = POT ? (BITS == 2 ? 0x84008400u : 0x0C000C00u) : 0x00030003u;
     const u32 MB = BITS == 2 ? 0u : BITS == 3 ? (POT ? 0x80008000u : 0x00040004u) : (POT ? 0x90009000u : 0x000C000Cu);
-    const int r = POT ? 2 * (p & 7) : (32 - 2 * (p & 7)) & 31;
+    const int r = 2 * (p & 7);
     u32 word = w[p >> 3];
     if (BITS != 2) {
         const u32 hi = BITS == 4 ? w[(2 + (p >> 3)) % BITS] : (p < 8 ? w[BITS - 1] : w2r);
@@ -200,7 +199,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
             z_lo = __byte_perm(tl.meta[m][0], 0u, 0x3232);
             z_hi = __byte_perm(tl.meta[m][1], 0u, 0x3232);
         }
-        const u32 w2r = BITS == 3 ? rotl(tl.w[m][2 % BITS], POT ? 1 : 31) : 0u;
+        const u32 w2r = BITS == 3 ? rotl(tl.w[m][2 % BITS], 1) : 0u;
         float d[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
