@@ -52,6 +52,20 @@ fn gpu_kernels_match_the_cpu_reference() {
             let q = quantize_rtn("w", &w, layout, format, bits).unwrap();
             let m = GpuLayout::from_packed(&PackedMatrix::from_qtensor(&q).unwrap()).unwrap();
             let gm = kernels.upload(&m).unwrap();
+            // The f16 weights for dense products: each weight rounded once to f16.
+            let wd = stream.alloc_zeros::<u16>(rows * cols).unwrap();
+            {
+                use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+                let (wp, _g) = wd.device_ptr(&stream);
+                unsafe { kernels.dequantize_raw(&gm, wp).unwrap() };
+            }
+            let dense = stream.clone_dtoh(&wd).unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (got, want) = (f16::from_bits(dense[r * cols + c]).to_f64(), m.weight(r, c));
+                    assert!((got - want).abs() <= 1e-3 * want.abs() + 1e-7, "{format:?} {bits} bits [{rows}, {cols}] g{group}: dequantized ({r}, {c}) = {got} vs {want}");
+                }
+            }
             for tokens in [1, 3, 8, 16, 17, 33, 64, 70] {
                 let x: Vec<f16> = noise(tokens * cols, tokens as u64 + 99).iter().map(|&v| f16::from_f32(v)).collect();
                 let xb: Vec<u16> = x.iter().map(|h| h.to_bits()).collect();

@@ -89,9 +89,54 @@ impl CustomOp1 for GpuPackedMatMul<'_> {
     }
 }
 
+/// `W` as an f16 `[rows, cols]` tensor on the input's device (the input is only a handle to
+/// the device).
+struct GpuPackedDequant<'a>(&'a GpuPacked);
+
+impl CustomOp1 for GpuPackedDequant<'_> {
+    fn name(&self) -> &'static str {
+        "potptq-gpu-packed-dequant"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg(format!("{}: these packed weights are on the GPU, the input on the CPU", self.name())))
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let m = &self.0.matrix;
+        let dev = storage.device();
+        // SAFETY: the kernel writes every one of the rows·cols weights.
+        let w = unsafe { dev.alloc::<f16>(m.rows * m.cols)? };
+        {
+            let stream = dev.cuda_stream();
+            let (wp, _w_guard) = w.device_ptr(&stream);
+            // SAFETY: w holds rows·cols f16, on the kernels' stream (the device's own).
+            unsafe { self.0.kernels.dequantize_raw(m, wp) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(w, dev.clone()), Shape::from((m.rows, m.cols))))
+    }
+}
+
+/// Tokens from which a product dequantizes the weights to f16 and multiplies with cuBLAS:
+/// beyond one launch of the fused kernels (64 tokens), where `bench cuda` has cuBLAS f16 ahead
+/// of them by more than the dequantization costs.
+pub const DENSE_FROM_TOKENS: usize = potptq_kernels::cuda::gpu::MAX_TOKENS + 1;
+
 /// `x Wᵀ` for a packed `W` on the GPU; `x` of shape `[.., in]` in any float type, multiplied
-/// in f16 (the kernels' activations) with f32 sums, and returned in `x`'s type.
+/// in f16 (the kernels' activations) with f32 sums, and returned in `x`'s type. Up to 64
+/// tokens through the fused kernels; more (prefill, evaluation) through `W` dequantized to f16
+/// for this product and cuBLAS.
 pub fn gpu_packed_matmul(x: &Tensor, m: &GpuPacked) -> Result<Tensor> {
-    let y = x.to_dtype(DType::F16)?.contiguous()?.apply_op1_no_bwd(&GpuPackedMatMul(m))?;
+    let x16 = x.to_dtype(DType::F16)?.contiguous()?;
+    let (rows, cols) = (m.matrix.rows, m.matrix.cols);
+    let tokens = if x16.dims().last() == Some(&cols) { x16.elem_count() / cols } else { 0 };
+    let y = if tokens >= DENSE_FROM_TOKENS {
+        let w = x16.apply_op1_no_bwd(&GpuPackedDequant(m))?;
+        let mut dims = x16.dims().to_vec();
+        *dims.last_mut().expect("at least one dimension") = rows;
+        x16.reshape((tokens, cols))?.matmul(&w.t()?)?.reshape(dims)?
+    } else {
+        x16.apply_op1_no_bwd(&GpuPackedMatMul(m))?
+    };
     Ok(y.to_dtype(x.dtype())?)
 }

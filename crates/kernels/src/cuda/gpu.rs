@@ -95,6 +95,10 @@ pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
     format!("{}_b{bits}_m{}_n{}_k{}_{depth}{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
 }
 
+fn dequant_name(pot: bool, bits: u8) -> String {
+    format!("{}_dequant_b{bits}", if pot { "pot" } else { "int" })
+}
+
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {
     stream: Arc<CudaStream>,
@@ -137,6 +141,13 @@ impl Kernels {
                     }
                     funcs.insert(name, f);
                 }
+            }
+        }
+        for pot in [true, false] {
+            for bits in 2..=4u8 {
+                let name = dequant_name(pot, bits);
+                let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
+                funcs.insert(name, f);
             }
         }
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
@@ -201,6 +212,24 @@ impl Kernels {
             l.launch(cfg)?;
             done += b;
         }
+        Ok(())
+    }
+
+    /// Writes `w` as f16 `[rows, cols]` (row-major) to `out`, each weight rounded once from
+    /// its f32 value: for many tokens, a dense product (cuBLAS) then beats the fused kernels.
+    ///
+    /// # Safety
+    /// `out` must point to at least `rows·cols` f16 on this device.
+    pub unsafe fn dequantize_raw(&self, w: &GpuMatrix, out: u64) -> Result<()> {
+        let (wp, _g1) = w.words.device_ptr(&self.stream);
+        let (mp, _g2) = w.meta.device_ptr(&self.stream);
+        let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / super::layout::TILE_COLS) as i32);
+        let tiles = (w.rows / 16) * (w.cols / 64);
+        let blocks = tiles.div_ceil(8).clamp(1, 132 * 16) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.funcs[&dequant_name(w.pot, w.bits)]);
+        l.arg(&wp).arg(&mp).arg(&out).arg(&n).arg(&k).arg(&tpg);
+        l.launch(cfg)?;
         Ok(())
     }
 

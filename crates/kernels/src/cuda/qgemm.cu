@@ -446,6 +446,63 @@ QGEMM_CONFIGS(int, 2, false)
 QGEMM_CONFIGS(int, 3, false)
 QGEMM_CONFIGS(int, 4, false)
 
+// The weights as f16 [N][K] (row-major), for products of many tokens through cuBLAS: a warp
+// decodes a tile as the products do and multiplies by the scale in f32.
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+__device__ __forceinline__ float f16hi_to_f32(u32 v) { return f16lo_to_f32(v >> 16); }
+
+template <int BITS, bool POT>
+__device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u32* __restrict__ meta, u16* __restrict__ out,
+                                             int N, int K, int tiles_per_group) {
+    constexpr int RW = BITS == 4 ? 4 : 2;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ktiles = K >> 6, tiles = (N >> 4) * ktiles;
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    for (int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); tile < tiles; tile += warps) {
+        const int rt = tile / ktiles, kt = tile % ktiles, grp = kt / tiles_per_group;
+        const u32* wp = W + (size_t)tile * BITS * 32 + RW * lane;
+        u32 w[BITS];
+        if (BITS == 4) {
+            const uint4 v = ld_stream4(wp);
+            w[0] = v.x; w[1] = v.y; w[2 % BITS] = v.z; w[3 % BITS] = v.w;
+        } else {
+            const uint2 v = ld_stream2(wp);
+            w[0] = v.x; w[1] = v.y;
+            if (BITS == 3) w[2 % BITS] = ld_stream(wp + 64 - lane);
+        }
+        const u32 m_lo = ld_nc(meta + (size_t)grp * N + rt * 16 + g), m_hi = ld_nc(meta + (size_t)grp * N + rt * 16 + g + 8);
+        const float s_lo = POT ? __uint_as_float(m_lo) : f16lo_to_f32(m_lo);
+        const float s_hi = POT ? __uint_as_float(m_hi) : f16lo_to_f32(m_hi);
+        const u32 z_lo = __byte_perm(m_lo, 0u, 0x3232), z_hi = __byte_perm(m_hi, 0u, 0x3232);
+        const u32 w2r = BITS == 3 ? rotl(w[2 % BITS], 1) : 0u;
+#pragma unroll
+        for (int p = 0; p < 16; p++) {
+            const int reg = p & 3, step = p >> 2;
+            const u32 h = decode_fields<BITS, POT>(w, w2r, p, POT ? 0x40004000u : 0x64006400u);
+            const u32 a = POT ? h : hsub2(h, (reg & 1) ? z_hi : z_lo);
+            const float s = (reg & 1) ? s_hi : s_lo;
+            const int row = rt * 16 + g + 8 * (reg & 1), col = kt * 64 + 16 * t + 4 * step + 2 * (reg >> 1);
+            *(u32*)(out + (size_t)row * K + col) = pack_f16x2(f16lo_to_f32(a) * s, f16hi_to_f32(a) * s);
+        }
+    }
+}
+
+#define DEQUANT(NAME, BITS, POT)                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_dequant_b##BITS(const u32* W, const u32* meta, u16* out, \
+                                                                             int N, int K, int tpg) {           \
+        dequant_body<BITS, POT>(W, meta, out, N, K, tpg);                                                       \
+    }
+DEQUANT(pot, 2, true)
+DEQUANT(pot, 3, true)
+DEQUANT(pot, 4, true)
+DEQUANT(int, 2, false)
+DEQUANT(int, 3, false)
+DEQUANT(int, 4, false)
+
 // Device copy bandwidth reference: dst[i] = src[i], 16 bytes per thread per step.
 extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
