@@ -447,7 +447,8 @@ QGEMM_CONFIGS(int, 3, false)
 QGEMM_CONFIGS(int, 4, false)
 
 // The weights as f16 [N][K] (row-major), for products of many tokens through cuBLAS: a warp
-// decodes a tile as the products do and multiplies by the scale in f32.
+// decodes a tile as the products do, multiplies by the scale in f32, and writes the tile's
+// rows through shared memory as whole 16-byte runs.
 __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
     u32 d;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
@@ -455,11 +456,17 @@ __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
 }
 __device__ __forceinline__ float f16hi_to_f32(u32 v) { return f16lo_to_f32(v >> 16); }
 
+// Words per row of a staged tile: 32 of weights and 4 of padding (fewer bank conflicts, rows
+// still 16-byte aligned).
+constexpr int STAGE_ROW = 36;
+
 template <int BITS, bool POT>
 __device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u32* __restrict__ meta, u16* __restrict__ out,
                                              int N, int K, int tiles_per_group) {
     constexpr int RW = BITS == 4 ? 4 : 2;
+    __shared__ __align__(16) u32 stage[8][16 * STAGE_ROW];
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    u32* tile_rows = stage[threadIdx.x >> 5];
     const int ktiles = K >> 6, tiles = (N >> 4) * ktiles;
     const int warps = gridDim.x * (blockDim.x >> 5);
     for (int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); tile < tiles; tile += warps) {
@@ -479,14 +486,23 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u3
         const float s_hi = POT ? __uint_as_float(m_hi) : f16lo_to_f32(m_hi);
         const u32 z_lo = __byte_perm(m_lo, 0u, 0x3232), z_hi = __byte_perm(m_hi, 0u, 0x3232);
         const u32 w2r = BITS == 3 ? rotl(w[2 % BITS], 1) : 0u;
+        __syncwarp();
 #pragma unroll
         for (int p = 0; p < 16; p++) {
             const int reg = p & 3, step = p >> 2;
             const u32 h = decode_fields<BITS, POT>(w, w2r, p, POT ? 0x40004000u : 0x64006400u);
             const u32 a = POT ? h : hsub2(h, (reg & 1) ? z_hi : z_lo);
             const float s = (reg & 1) ? s_hi : s_lo;
-            const int row = rt * 16 + g + 8 * (reg & 1), col = kt * 64 + 16 * t + 4 * step + 2 * (reg >> 1);
-            *(u32*)(out + (size_t)row * K + col) = pack_f16x2(f16lo_to_f32(a) * s, f16hi_to_f32(a) * s);
+            const int row = g + 8 * (reg & 1), col_word = 8 * t + 2 * step + (reg >> 1);
+            tile_rows[row * STAGE_ROW + col_word] = pack_f16x2(f16lo_to_f32(a) * s, f16hi_to_f32(a) * s);
+        }
+        __syncwarp();
+        // 16 rows of 128 bytes: four 16-byte runs a lane, eight lanes a row.
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = lane + 32 * i, row = c >> 3, part = c & 7;
+            const uint4 v = *(const uint4*)(tile_rows + row * STAGE_ROW + 4 * part);
+            *(uint4*)(out + (size_t)(rt * 16 + row) * K + kt * 64 + 8 * part) = v;
         }
     }
 }
