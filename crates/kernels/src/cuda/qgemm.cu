@@ -119,6 +119,48 @@ __device__ __forceinline__ u32 decode_fields(const u32 (&w)[BITS], u32 w2r, int 
     return lop3<MASK_OR>(move_fields<(MA | MB)>(word, r), MA | MB, base);
 }
 
+// A lane's code words of one tile, from `wp` (its run in the tile, layout.rs `word_offset`).
+template <int BITS>
+__device__ __forceinline__ void load_words(u32 (&w)[BITS], const u32* wp) {
+    if (BITS == 4) {
+        const uint4 v = ld_stream4(wp);
+        w[0] = v.x; w[1] = v.y; w[2 % BITS] = v.z; w[3 % BITS] = v.w;
+    } else {
+        const uint2 v = ld_stream2(wp);
+        w[0] = v.x; w[1] = v.y;
+        // The 1-bit plane: 64 words after the tile's 2-bit plane, back from this lane's pair.
+        if (BITS == 3) w[2 % BITS] = ld_stream(wp + 64 - (threadIdx.x & 31));
+    }
+}
+
+// The group of K tile kt: a shift when the tiles per group are a power of two.
+__device__ __forceinline__ int group_of(int kt, int group_shift, int tiles_per_group) {
+    return group_shift >= 0 ? kt >> group_shift : kt / tiles_per_group;
+}
+
+// What a warp of a product block needs to know about its share: K tiles kt = warp + j·KS for
+// j < count, of row tiles rt0.., whose scales for this lane's rows start at meta_rows.
+template <int BITS, int MR, int KS>
+struct Share {
+    int warp, lane, g, t, ktiles, rt0, count, group_shift;
+    size_t row_tile_words;
+    __device__ __forceinline__ Share(int K, int tiles_per_group) {
+        warp = threadIdx.x >> 5;
+        lane = threadIdx.x & 31;
+        g = lane >> 2;
+        t = lane & 3;
+        ktiles = K >> 6;
+        rt0 = blockIdx.x * MR;
+        count = ktiles > warp ? (ktiles - warp + KS - 1) / KS : 0;
+        group_shift = (tiles_per_group & (tiles_per_group - 1)) == 0 ? __ffs(tiles_per_group) - 1 : -1;
+        row_tile_words = (size_t)ktiles * BITS * 32;
+    }
+    // This lane's code run in the warp's first tile.
+    __device__ __forceinline__ const u32* first_words(const u32* W) const {
+        return W + rt0 * row_tile_words + (size_t)warp * BITS * 32 + (BITS == 4 ? 4 : 2) * lane;
+    }
+};
+
 // One K tile of MR row tiles as a warp holds it: each lane's code words and the scales of
 // its two rows; for one token tile, the lane's 16 activations too (more token tiles load
 // theirs when the tile is used: `x` is then unused and costs no registers).
@@ -147,19 +189,10 @@ struct Cursor {
 template <int BITS, int MR, int NT, int KS>
 __device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, const u32* __restrict__ meta_rows,
                                           size_t row_tile_words, int N, int group_shift, int tiles_per_group) {
-    const int grp = group_shift >= 0 ? c.kt >> group_shift : c.kt / tiles_per_group;
+    const int grp = group_of(c.kt, group_shift, tiles_per_group);
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        const u32* wp = c.w + m * row_tile_words;
-        if (BITS == 4) {
-            const uint4 v = ld_stream4(wp);
-            tl.w[m][0] = v.x; tl.w[m][1] = v.y; tl.w[m][2 % BITS] = v.z; tl.w[m][3 % BITS] = v.w;
-        } else {
-            const uint2 v = ld_stream2(wp);
-            tl.w[m][0] = v.x; tl.w[m][1] = v.y;
-            // The 1-bit plane: 64 words after the tile's 2-bit plane, back from this lane's pair.
-            if (BITS == 3) tl.w[m][2 % BITS] = ld_stream(wp + 64 - (threadIdx.x & 31));
-        }
+        load_words<BITS>(tl.w[m], c.w + m * row_tile_words);
         const u32* mp = meta_rows + (size_t)grp * N + m * 16;
         tl.meta[m][0] = ld_nc(mp);
         tl.meta[m][1] = ld_nc(mp + 8);
@@ -254,16 +287,12 @@ template <int BITS, bool POT, int MR, int NT, int KS, int U>
 __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta,
                                            const u16* __restrict__ X, u16* __restrict__ Y,
                                            int N, int K, int B, int tiles_per_group) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int ktiles = K >> 6;
-    const int rt0 = blockIdx.x * MR;
-    // This warp's tiles: kt = warp + j·KS for j < count.
-    const int count = ktiles > warp ? (ktiles - warp + KS - 1) / KS : 0;
-    const int group_shift = (tiles_per_group & (tiles_per_group - 1)) == 0 ? __ffs(tiles_per_group) - 1 : -1;
-    const size_t row_tile_words = (size_t)ktiles * BITS * 32;
-    const u32* x_t = (const u32*)X + 8 * t;
+    const Share<BITS, MR, KS> sh(K, tiles_per_group);
+    const int warp = sh.warp, g = sh.g, count = sh.count, group_shift = sh.group_shift, rt0 = sh.rt0;
+    const size_t row_tile_words = sh.row_tile_words;
+    const u32* x_t = (const u32*)X + 8 * sh.t;
     const u32* meta_rows = meta + rt0 * 16 + g;
-    Cursor next{W + rt0 * row_tile_words + (size_t)warp * BITS * 32 + (BITS == 4 ? 4 : 2) * lane, x_t + (size_t)min(g, B - 1) * (K >> 1) + warp * 32, warp};
+    Cursor next{sh.first_words(W), x_t + (size_t)min(g, B - 1) * (K >> 1) + warp * 32, warp};
 
     float acc[MR][NT][4];
 #pragma unroll
@@ -322,24 +351,21 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     // code words, [the third word of 3-bit codes,] two scales; then the reduction.
     extern __shared__ u32 smem[];
     constexpr int RW = BITS == 4 ? 4 : 2;  // words a lane copies as one run per tile
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int ktiles = K >> 6;
-    const int rt0 = blockIdx.x * MR;
-    const int count = ktiles > warp ? (ktiles - warp + KS - 1) / KS : 0;
-    const int group_shift = (tiles_per_group & (tiles_per_group - 1)) == 0 ? __ffs(tiles_per_group) - 1 : -1;
-    const size_t row_tile_words = (size_t)ktiles * BITS * 32;
-    const u32* x_lane = (const u32*)X + 8 * t + (size_t)min(g, B - 1) * (K >> 1);
+    const Share<BITS, MR, KS> sh(K, tiles_per_group);
+    const int warp = sh.warp, lane = sh.lane, g = sh.g, count = sh.count, rt0 = sh.rt0;
+    const size_t row_tile_words = sh.row_tile_words;
+    const u32* x_lane = (const u32*)X + 8 * sh.t + (size_t)min(g, B - 1) * (K >> 1);
     const u32* meta_rows = meta + rt0 * 16 + g;
     // This lane's slots: codes [stage][m] (RW words), the 3-bit third word, scales (2 words).
     u32* runs = smem + (warp * S * MR * 32 + lane) * RW;
     u32* thirds = smem + KS * S * MR * 32 * RW + warp * S * MR * 32 + lane;
     u32* scales = smem + KS * S * MR * 32 * (BITS == 3 ? 3 : RW) + (warp * S * MR * 32 + lane) * 2;
     const u32 runs_at = smem_addr(runs), thirds_at = smem_addr(thirds), scales_at = smem_addr(scales);
-    const u32* wnext = W + rt0 * row_tile_words + (size_t)warp * BITS * 32 + RW * lane;
+    const u32* wnext = sh.first_words(W);
     int ktnext = warp;
 
     auto issue = [&](int stage) {
-        const int grp = group_shift >= 0 ? ktnext >> group_shift : ktnext / tiles_per_group;
+        const int grp = group_of(ktnext, sh.group_shift, tiles_per_group);
 #pragma unroll
         for (int m = 0; m < MR; m++) {
             const int slot = stage * MR + m;
@@ -471,16 +497,8 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u3
     const int warps = gridDim.x * (blockDim.x >> 5);
     for (int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); tile < tiles; tile += warps) {
         const int rt = tile / ktiles, kt = tile % ktiles, grp = kt / tiles_per_group;
-        const u32* wp = W + (size_t)tile * BITS * 32 + RW * lane;
         u32 w[BITS];
-        if (BITS == 4) {
-            const uint4 v = ld_stream4(wp);
-            w[0] = v.x; w[1] = v.y; w[2 % BITS] = v.z; w[3 % BITS] = v.w;
-        } else {
-            const uint2 v = ld_stream2(wp);
-            w[0] = v.x; w[1] = v.y;
-            if (BITS == 3) w[2 % BITS] = ld_stream(wp + 64 - lane);
-        }
+        load_words<BITS>(w, W + (size_t)tile * BITS * 32 + RW * lane);
         const u32 m_lo = ld_nc(meta + (size_t)grp * N + rt * 16 + g), m_hi = ld_nc(meta + (size_t)grp * N + rt * 16 + g + 8);
         const float s_lo = POT ? __uint_as_float(m_lo) : f16lo_to_f32(m_lo);
         const float s_hi = POT ? __uint_as_float(m_hi) : f16lo_to_f32(m_hi);
