@@ -7,97 +7,10 @@ use anyhow::{ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
+pub use super::config::{config_for, kernel_name, single_tile_configs, Config, CONFIGS, MAX_TOKENS};
+use super::config::dequant_name;
 use super::layout::GpuLayout;
-
-pub const SOURCE: &str = include_str!("qgemm.cu");
-/// Tokens per launch; more are done in chunks.
-pub const MAX_TOKENS: usize = 64;
-
-/// One instantiation of a kernel template: `mr` row tiles of 16 per block, `nt` token tiles
-/// of 8, `ks` warps splitting K, `u` K tiles in flight per warp; held in registers, or with
-/// `smem`, copied by `cp.async` into a ring of `u` stages in shared memory (one token tile).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Config {
-    pub mr: usize,
-    pub nt: usize,
-    pub ks: usize,
-    pub u: usize,
-    pub smem: bool,
-}
-
-const fn c(mr: usize, nt: usize, ks: usize, u: usize) -> Config {
-    Config { mr, nt, ks, u, smem: false }
-}
-
-const fn ring(mr: usize, ks: usize, stages: usize) -> Config {
-    Config { mr, nt: 1, ks, u: stages, smem: true }
-}
-
-impl Config {
-    /// Dynamic shared memory of a block at `bits` (`qgemv_async_body`): per warp, stage, row
-    /// tile and lane, the codes and two scales; then the reduction.
-    pub fn shared_bytes(&self, bits: u8) -> usize {
-        if !self.smem {
-            return 0;
-        }
-        4 * (self.ks * self.u * self.mr * 32 * (bits as usize + 2) + self.ks * self.mr * 4 * 32)
-    }
-}
-
-/// The instantiations in `qgemm.cu` (`QGEMV_ASYNC_CONFIGS`, `QGEMM_CONFIGS`).
-pub const CONFIGS: [Config; 18] = [
-    ring(1, 8, 8),
-    ring(1, 8, 16),
-    ring(1, 16, 4),
-    ring(1, 16, 8),
-    ring(2, 8, 8),
-    ring(2, 16, 4),
-    c(1, 1, 8, 4),
-    c(1, 1, 8, 8),
-    c(1, 1, 16, 2),
-    c(1, 1, 16, 4),
-    c(1, 1, 32, 2),
-    c(2, 1, 8, 4),
-    c(2, 1, 16, 2),
-    c(1, 2, 8, 4),
-    c(1, 4, 8, 2),
-    c(1, 8, 8, 2),
-    c(2, 4, 4, 2),
-    c(2, 8, 4, 2),
-];
-
-/// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
-pub fn single_tile_configs() -> impl Iterator<Item = Config> {
-    CONFIGS.into_iter().filter(|c| c.nt == 1)
-}
-
-/// The configuration for `tokens` (≤ 64) tokens at `bits`: one token tile per 8 tokens. One
-/// token tile (decode), by `bench cuda --sweep` on the H200: 16 warps with two tiles in flight
-/// each, on one row tile per block, up to 4096 rows; from 8192 rows two row tiles per block
-/// (2-bit: registers; 3- and 4-bit from 16384 rows: a ring of 4 shared-memory stages). Two row
-/// tiles per block from 17 tokens on (the activations are then re-read less).
-pub fn config_for(tokens: usize, rows: usize, bits: u8) -> Config {
-    let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
-    let pairs = rows % 32 == 0;
-    if nt == 1 {
-        return match bits {
-            2 if pairs && rows >= 8192 => c(2, 1, 16, 2),
-            3 | 4 if pairs && rows >= 16384 => ring(2, 16, 4),
-            _ => c(1, 1, 16, 2),
-        };
-    }
-    let mr = if nt >= 4 && pairs { 2 } else { 1 };
-    *CONFIGS.iter().find(|c| c.nt == nt && c.mr == mr).expect("an instantiated configuration")
-}
-
-pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
-    let depth = if c.smem { 's' } else { 'u' };
-    format!("{}_b{bits}_m{}_n{}_k{}_{depth}{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
-}
-
-fn dequant_name(pot: bool, bits: u8) -> String {
-    format!("{}_dequant_b{bits}", if pot { "pot" } else { "int" })
-}
+use super::SOURCE;
 
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {

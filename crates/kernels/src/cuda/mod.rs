@@ -1,11 +1,16 @@
 //! Fused dequant-GEMV/GEMM on NVIDIA GPUs (sm_80 and newer; built for the H100/H200).
 //!
 //! `layout` (always compiled, tested on the CPU) re-tiles packed codes for the kernels and
-//! holds their CPU reference; `gpu` (feature `cuda`) compiles `qgemm.cu` with NVRTC at run
-//! time and launches it.
+//! holds their CPU reference; `config` (also tested on the CPU) says which instantiation
+//! serves a product; `gpu` (feature `cuda`) compiles `qgemm.cu` with NVRTC at run time and
+//! launches it.
 
+pub mod config;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
 pub use layout::{reference_matmul, GpuLayout};
+
+/// The kernels, compiled at run time by NVRTC.
+pub const SOURCE: &str = include_str!("qgemm.cu");
