@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use half::f16;
-use potptq_kernels::cuda::gpu::{compile, Kernels, CONFIGS};
+use potptq_kernels::cuda::gpu::{compile, Io, Kernels, CONFIGS};
 use potptq_kernels::cuda::{reference_matmul, GpuLayout};
 use potptq_kernels::PackedMatrix;
 use potptq_quant::{quantize_rtn, Format, GroupLayout};
@@ -70,24 +70,34 @@ fn gpu_kernels_match_the_cpu_reference() {
                 let x: Vec<f16> = noise(tokens * cols, tokens as u64 + 99).iter().map(|&v| f16::from_f32(v)).collect();
                 let xb: Vec<u16> = x.iter().map(|h| h.to_bits()).collect();
                 let xd = stream.clone_htod(&xb).unwrap();
+                // The same activations as f32 (exactly the f16 values): the kernels' f32 input
+                // and output path, which a model in f32 takes.
+                let xd32 = stream.clone_htod(&x.iter().map(|h| h.to_f32()).collect::<Vec<f32>>()).unwrap();
                 let want = reference_matmul(&m, &x, tokens);
                 let abs: Vec<f64> = (0..tokens * rows).map(|i| (0..cols).map(|c| (m.weight(i % rows, c) * x[(i / rows) * cols + c].to_f64()).abs()).sum()).collect();
                 // The chosen configuration, then every instantiation that fits the rows.
                 let configs = std::iter::once(None).chain(CONFIGS.iter().filter(|c| rows % (16 * c.mr) == 0).map(|&c| Some(c)));
                 for config in configs {
+                    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                     let yd = stream.alloc_zeros::<u16>(tokens * rows).unwrap();
+                    let yd32 = stream.alloc_zeros::<f32>(tokens * rows).unwrap();
                     {
-                        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                         let (xp, _g1) = xd.device_ptr(&stream);
                         let (yp, _g2) = yd.device_ptr(&stream);
-                        unsafe { kernels.matmul_raw_with(&gm, xp, yp, tokens, config).unwrap() };
+                        unsafe { kernels.matmul_raw_with(&gm, xp, yp, tokens, Io::F16, config).unwrap() };
+                        let (xp, _g3) = xd32.device_ptr(&stream);
+                        let (yp, _g4) = yd32.device_ptr(&stream);
+                        unsafe { kernels.matmul_raw_with(&gm, xp, yp, tokens, Io::F32, config).unwrap() };
                     }
-                    let y: Vec<f16> = stream.clone_dtoh(&yd).unwrap().into_iter().map(f16::from_bits).collect();
-                    for t in 0..tokens {
-                        for r in 0..rows {
-                            let i = t * rows + r;
-                            let err = (y[i].to_f64() - want[i]).abs();
-                            assert!(err <= 2e-3 * abs[i] + 1e-6, "{format:?} {bits} bits [{rows}, {cols}] g{group}, {tokens} tokens, {config:?}: y[{t}][{r}] = {} vs {} (Σ|wx| {})", y[i], want[i], abs[i]);
+                    let y16: Vec<f64> = stream.clone_dtoh(&yd).unwrap().into_iter().map(|b| f16::from_bits(b).to_f64()).collect();
+                    let y32: Vec<f64> = stream.clone_dtoh(&yd32).unwrap().into_iter().map(|v| v as f64).collect();
+                    for (io, y) in [("f16", &y16), ("f32", &y32)] {
+                        for t in 0..tokens {
+                            for r in 0..rows {
+                                let i = t * rows + r;
+                                let err = (y[i] - want[i]).abs();
+                                assert!(err <= 2e-3 * abs[i] + 1e-6, "{format:?} {bits} bits [{rows}, {cols}] g{group}, {tokens} tokens, {config:?}, {io}: y[{t}][{r}] = {} vs {} (Σ|wx| {})", y[i], want[i], abs[i]);
+                            }
                         }
                     }
                 }

@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use half::f16;
-use potptq_kernels::cuda::gpu::{GpuMatrix, Kernels};
+use potptq_kernels::cuda::gpu::{GpuMatrix, Io, Kernels};
 use potptq_kernels::cuda::GpuLayout;
 use potptq_kernels::PackedMatrix;
 
@@ -74,18 +74,37 @@ impl CustomOp1 for GpuPackedMatMul<'_> {
             return Err(candle_core::Error::Msg(format!("{}: the input must be contiguous", self.name())));
         };
         let dev = storage.device();
-        let x = storage.as_cuda_slice::<f16>()?.slice(start..end);
-        // SAFETY: the kernel writes every one of the tokens·rows outputs.
-        let y = unsafe { dev.alloc::<f16>(tokens * m.rows)? };
-        if tokens > 0 {
-            let stream = dev.cuda_stream();
-            let (xp, _x_guard) = x.device_ptr(&stream);
-            let (yp, _y_guard) = y.device_ptr(&stream);
-            // SAFETY: x holds tokens·cols f16 and y tokens·rows, on the kernels' stream (the
-            // device's own).
-            unsafe { self.0.kernels.matmul_raw(m, xp, yp, tokens) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        match storage.dtype() {
+            DType::F32 => {
+                let x = storage.as_cuda_slice::<f32>()?.slice(start..end);
+                // SAFETY: the kernel writes every one of the tokens·rows outputs.
+                let y = unsafe { dev.alloc::<f32>(tokens * m.rows)? };
+                self.launch(dev, &x, &y, tokens, Io::F32)?;
+                Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+            }
+            DType::F16 => {
+                let x = storage.as_cuda_slice::<f16>()?.slice(start..end);
+                // SAFETY: as above.
+                let y = unsafe { dev.alloc::<f16>(tokens * m.rows)? };
+                self.launch(dev, &x, &y, tokens, Io::F16)?;
+                Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+            }
+            other => Err(candle_core::Error::Msg(format!("{}: activations in {other:?}, not f32 or f16", self.name()))),
         }
-        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+    }
+}
+
+impl GpuPackedMatMul<'_> {
+    fn launch<X: DevicePtr<T>, Y: DevicePtr<T>, T>(&self, dev: &CudaDevice, x: &X, y: &Y, tokens: usize, io: Io) -> candle_core::Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let stream = dev.cuda_stream();
+        let (xp, _x_guard) = x.device_ptr(&stream);
+        let (yp, _y_guard) = y.device_ptr(&stream);
+        // SAFETY: x holds tokens·cols and y tokens·rows elements of io's type, on the kernels'
+        // stream (the device's own).
+        unsafe { self.0.kernels.matmul_raw(&self.0.matrix, xp, yp, tokens, io) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
     }
 }
 
@@ -124,12 +143,16 @@ pub const DENSE_FROM_TOKENS: usize = potptq_kernels::cuda::gpu::MAX_TOKENS + 1;
 
 /// `x Wᵀ` for a packed `W` on the GPU; `x` of shape `[.., in]` in any float type, multiplied
 /// in f16 (the kernels' activations) with f32 sums, and returned in `x`'s type. Up to 64
-/// tokens through the fused kernels; more (prefill, evaluation) through `W` dequantized to f16
+/// tokens through the fused kernels, which read and write f32 themselves (no conversions
+/// around them for an f32 model); more (prefill, evaluation) through `W` dequantized to f16
 /// for this product and cuBLAS.
 pub fn gpu_packed_matmul(x: &Tensor, m: &GpuPacked) -> Result<Tensor> {
-    let x16 = x.to_dtype(DType::F16)?.contiguous()?;
     let (rows, cols) = (m.matrix.rows, m.matrix.cols);
-    let tokens = if x16.dims().last() == Some(&cols) { x16.elem_count() / cols } else { 0 };
+    let tokens = if x.dims().last() == Some(&cols) { x.elem_count() / cols } else { 0 };
+    if x.dtype() == DType::F32 && tokens < DENSE_FROM_TOKENS {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&GpuPackedMatMul(m))?);
+    }
+    let x16 = x.to_dtype(DType::F16)?.contiguous()?;
     let y = if tokens >= DENSE_FROM_TOKENS {
         let w = x16.apply_op1_no_bwd(&GpuPackedDequant(m))?;
         let mut dims = x16.dims().to_vec();

@@ -67,7 +67,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
 use half::f16;
-use potptq_kernels::cuda::gpu::{kernel_name, single_tile_configs, GpuMatrix, Kernels};
+use potptq_kernels::cuda::gpu::{kernel_name, single_tile_configs, GpuMatrix, Io, Kernels};
 use potptq_kernels::cuda::GpuLayout;
 use potptq_quant::Format;
 use rayon::prelude::*;
@@ -247,11 +247,11 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
                 ms.insert(0, m);
                 let mut t = Vec::new();
                 for &b in &a.batch {
-                    t.push(timer.time(|i| unsafe { kernels.matmul_raw(&ms[i % ms.len()], xp, yp, b) })?);
+                    t.push(timer.time(|i| unsafe { kernels.matmul_raw(&ms[i % ms.len()], xp, yp, b, Io::F16) })?);
                 }
                 if a.sweep {
                     for c in single_tile_configs() {
-                        let s = timer.time(|i| unsafe { kernels.matmul_raw_with(&ms[i % ms.len()], xp, yp, 1, Some(c)) })?;
+                        let s = timer.time(|i| unsafe { kernels.matmul_raw_with(&ms[i % ms.len()], xp, yp, 1, Io::F16, Some(c)) })?;
                         let name = kernel_name(format == Format::Pot, bits, c);
                         if !a.json {
                             println!("sweep {shape} {name}: {:.2} µs, {:.0} GB/s", s * 1e6, l.weight_bytes() as f64 / s / 1e9);
@@ -357,7 +357,7 @@ fn decode_step(a: &CudaArgs, kernels: &Kernels, blas: &CudaBlas, stream: &Arc<Cu
         }
         let s = timer.time(|_| {
             for w in &layers {
-                unsafe { kernels.matmul_raw(w, xp, yp, 1)? };
+                unsafe { kernels.matmul_raw(w, xp, yp, 1, Io::F16)? };
             }
             unsafe { cublas_f16(blas, hp, xp, yp, V, H, 1) }
         })?;

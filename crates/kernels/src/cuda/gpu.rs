@@ -19,6 +19,29 @@ pub struct Kernels {
     copy: CudaFunction,
 }
 
+/// The element type of a product's activations and outputs (`qgemm.cu`'s `Io` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    F16,
+    F32,
+}
+
+impl Io {
+    fn bytes(self) -> usize {
+        match self {
+            Io::F16 => 2,
+            Io::F32 => 4,
+        }
+    }
+
+    fn flags(self) -> i32 {
+        match self {
+            Io::F16 => 0,
+            Io::F32 => 3,
+        }
+    }
+}
+
 /// A quantized matrix on the GPU (see `layout::GpuLayout`).
 pub struct GpuMatrix {
     pub pot: bool,
@@ -93,20 +116,22 @@ impl Kernels {
         Ok(GpuMatrix { words, meta, ..*m })
     }
 
-    /// `y[t][r] = Σ_k w(r, k)·x[t][k]` for `tokens` tokens: `x` f16 `[tokens, cols]`, `y` f16
-    /// `[tokens, rows]`, as raw device pointers on this stream.
+    /// `y[t][r] = Σ_k w(r, k)·x[t][k]` for `tokens` tokens: `x` `[tokens, cols]` and `y`
+    /// `[tokens, rows]` in `io`'s type (the products take the activations as f16 either way),
+    /// as raw device pointers on this stream.
     ///
     /// # Safety
-    /// `x` and `y` must point to at least `tokens·cols` and `tokens·rows` f16 on this device.
-    pub unsafe fn matmul_raw(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize) -> Result<()> {
-        self.matmul_raw_with(w, x, y, tokens, None)
+    /// `x` and `y` must point to at least `tokens·cols` and `tokens·rows` elements of `io`'s
+    /// type on this device.
+    pub unsafe fn matmul_raw(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize, io: Io) -> Result<()> {
+        self.matmul_raw_with(w, x, y, tokens, io, None)
     }
 
     /// `matmul_raw` with a chosen configuration for every chunk (`None`: `config_for`).
     ///
     /// # Safety
     /// As `matmul_raw`.
-    pub unsafe fn matmul_raw_with(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize, config: Option<Config>) -> Result<()> {
+    pub unsafe fn matmul_raw_with(&self, w: &GpuMatrix, x: u64, y: u64, tokens: usize, io: Io, config: Option<Config>) -> Result<()> {
         ensure!(tokens > 0, "no tokens");
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
@@ -117,11 +142,11 @@ impl Kernels {
             let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
             ensure!(w.rows % (16 * c.mr) == 0, "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
-            let (xp, yp) = (x + (done * w.cols * 2) as u64, y + (done * w.rows * 2) as u64);
-            let bi = b as i32;
+            let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
+            let (bi, flags) = (b as i32, io.flags());
             let cfg = LaunchConfig { grid_dim: ((w.rows / 16 / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
             let mut l = self.stream.launch_builder(f);
-            l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg);
+            l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
             l.launch(cfg)?;
             done += b;
         }
@@ -150,7 +175,7 @@ impl Kernels {
         ensure!(x.len() >= tokens * w.cols && y.len() >= tokens * w.rows, "activation or output buffer too short");
         let (xp, _g1) = x.device_ptr(&self.stream);
         let (yp, _g2) = y.device_ptr(&self.stream);
-        unsafe { self.matmul_raw(w, xp, yp, tokens) }
+        unsafe { self.matmul_raw(w, xp, yp, tokens, Io::F16) }
     }
 
     /// Copies `src` into `dst` (16-byte elements) with a plain kernel: the device's copy

@@ -2,7 +2,7 @@
 // sm_80+ (mma.sync m16n8k16, f16 inputs, f32 accumulation). Compiled at run time by NVRTC;
 // no headers: half-precision arithmetic is written in PTX.
 //
-// Y[tok][row] = sum_k W[row][k] * X[tok][k]; X is f16 [B][K], Y f16 [B][N].
+// Y[tok][row] = sum_k W[row][k] * X[tok][k]; X [B][K] and Y [B][N] in f16 or f32 (`Io`).
 // A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them (warp w
 // takes tiles w, w+KS, ...) and add their partial sums in shared memory at the end. A warp
 // keeps U tiles in flight in registers: when it has used a tile, it loads the one U ahead
@@ -82,6 +82,12 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+}
+
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -171,23 +177,44 @@ struct Tile {
     u32 x[8];
 };
 
-// Lane t's 16 activations of a tile for one token, from `p` (X as u32: two f16 a word).
-__device__ __forceinline__ void load_x(u32 (&x)[8], const u32* p) {
-    const uint4 a = ld_nc4(p), b = ld_nc4(p + 4);
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+// The activations X [B][K] and outputs Y [B][N]: f16, or f32 where the flags say so (a model
+// in f32 then needs no conversions around the product). Bit 0: X is f32; bit 1: Y is f32.
+struct Io {
+    const void* x;
+    void* y;
+    int flags;
+    __device__ __forceinline__ bool x_f32() const { return flags & 1; }
+    __device__ __forceinline__ bool y_f32() const { return flags & 2; }
+};
+
+// Lane t's 16 activations of a tile for one token, as eight f16 pairs, from element `at` of X.
+__device__ __forceinline__ void load_x(u32 (&x)[8], const Io& io, size_t at) {
+    if (io.x_f32()) {
+        const u32* p = (const u32*)io.x + at;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint4 v = ld_nc4(p + 4 * i);
+            x[2 * i] = pack_f16x2(__uint_as_float(v.x), __uint_as_float(v.y));
+            x[2 * i + 1] = pack_f16x2(__uint_as_float(v.z), __uint_as_float(v.w));
+        }
+    } else {
+        const u32* p = (const u32*)((const u16*)io.x + at);
+        const uint4 a = ld_nc4(p), b = ld_nc4(p + 4);
+        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+        x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    }
 }
 
 // Where a warp's next K tile is: its codes (row tile rt0), its index, and for one token tile
-// the lane's activations. Advanced by KS tiles after each load.
+// the element of X where the lane's activations start. Advanced by KS tiles after each load.
 struct Cursor {
     const u32* w;
-    const u32* x;
+    size_t x;
     int kt;
 };
 
 template <int BITS, int MR, int NT, int KS>
-__device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, const u32* __restrict__ meta_rows,
+__device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, const Io& io, const u32* __restrict__ meta_rows,
                                           size_t row_tile_words, int N, int group_shift, int tiles_per_group) {
     const int grp = group_of(c.kt, group_shift, tiles_per_group);
 #pragma unroll
@@ -197,18 +224,18 @@ __device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, con
         tl.meta[m][0] = ld_nc(mp);
         tl.meta[m][1] = ld_nc(mp + 8);
     }
-    if (NT == 1) load_x(tl.x, c.x);
+    if (NT == 1) load_x(tl.x, io, c.x);
     c.w += KS * BITS * 32;
-    c.x += KS * 32;
+    c.x += KS * 64;
     c.kt += KS;
 }
 
-// With more than one token tile, the activations are loaded here: `x_t` is X as u32 words
-// from lane t's column, and a lane whose token is past the last reads the last token's (its
+// With more than one token tile, the activations are loaded here (lane t's start at column
+// 16·t of the tile), and a lane whose token is past the last reads the last token's (its
 // products land in output columns that are never stored).
 template <int BITS, bool POT, int MR, int NT>
-__device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile<BITS, MR, NT>& tl, const u32* x_t,
-                                             int K, int B, int g, int kt) {
+__device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile<BITS, MR, NT>& tl, const Io& io,
+                                             int K, int B, int g, int t, int kt) {
     u32 xb[NT][8];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -216,7 +243,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
 #pragma unroll
             for (int i = 0; i < 8; i++) xb[nt][i] = tl.x[i];
         } else {
-            load_x(xb[nt], x_t + (size_t)min(nt * 8 + g, B - 1) * (K >> 1) + kt * 32);
+            load_x(xb[nt], io, (size_t)min(nt * 8 + g, B - 1) * K + kt * 64 + 16 * t);
         }
     }
 #pragma unroll
@@ -262,7 +289,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
 // The KS warps' partial sums added in shared memory (`red`: KS · MR · NT · 128 floats) and
 // stored as f16.
 template <int MR, int NT, int KS>
-__device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], float* red, u16* __restrict__ Y, int N, int B, int rt0) {
+__device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], float* red, const Io& io, int N, int B, int rt0) {
     constexpr int E = MR * NT * 4 * 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
@@ -279,20 +306,23 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], floa
         const int l = e & 31, j = (e >> 5) & 3, nt = (e >> 7) % NT, m = (e >> 7) / NT;
         const int row = (rt0 + m) * 16 + (l >> 2) + 8 * (j >> 1);
         const int tok = nt * 8 + 2 * (l & 3) + (j & 1);
-        if (tok < B) Y[(size_t)tok * N + row] = f32_to_f16(s);
+        if (tok < B) {
+            if (io.y_f32())
+                ((float*)io.y)[(size_t)tok * N + row] = s;
+            else
+                ((u16*)io.y)[(size_t)tok * N + row] = f32_to_f16(s);
+        }
     }
 }
 
 template <int BITS, bool POT, int MR, int NT, int KS, int U>
-__device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta,
-                                           const u16* __restrict__ X, u16* __restrict__ Y,
+__device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta, const Io io,
                                            int N, int K, int B, int tiles_per_group) {
     const Share<BITS, MR, KS> sh(K, tiles_per_group);
     const int warp = sh.warp, g = sh.g, count = sh.count, group_shift = sh.group_shift, rt0 = sh.rt0;
     const size_t row_tile_words = sh.row_tile_words;
-    const u32* x_t = (const u32*)X + 8 * sh.t;
     const u32* meta_rows = meta + rt0 * 16 + g;
-    Cursor next{sh.first_words(W), x_t + (size_t)min(g, B - 1) * (K >> 1) + warp * 32, warp};
+    Cursor next{sh.first_words(W), (size_t)min(g, B - 1) * K + warp * 64 + 16 * sh.t, warp};
 
     float acc[MR][NT][4];
 #pragma unroll
@@ -305,21 +335,21 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
     Tile<BITS, MR, NT> tl[U];
 #pragma unroll
     for (int u = 0; u < U; u++)
-        if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+        if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
     for (int j0 = 0; j0 < count; j0 += U) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int j = j0 + u;
             if (j < count) {
-                compute_tile<BITS, POT, MR, NT>(acc, tl[u], x_t, K, B, g, warp + j * KS);
-                if (j + U < count) load_tile<BITS, MR, NT, KS>(tl[u], next, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+                compute_tile<BITS, POT, MR, NT>(acc, tl[u], io, K, B, g, sh.t, warp + j * KS);
+                if (j + U < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
             }
         }
     }
 
     constexpr int E = MR * NT * 4 * 32;
     __shared__ float red[KS * E];
-    reduce_store<MR, NT, KS>(acc, red, Y, N, B, rt0);
+    reduce_store<MR, NT, KS>(acc, red, io, N, B, rt0);
 }
 
 
@@ -344,8 +374,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 template <int BITS, bool POT, int MR, int KS, int S>
-__device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, const u32* __restrict__ meta,
-                                                 const u16* __restrict__ X, u16* __restrict__ Y,
+__device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, const u32* __restrict__ meta, const Io io,
                                                  int N, int K, int B, int tiles_per_group) {
     // Dynamic shared memory (gpu.rs sizes it): per warp, stage, row tile and lane, a run of RW
     // code words, [the third word of 3-bit codes,] two scales; then the reduction.
@@ -354,7 +383,7 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     const Share<BITS, MR, KS> sh(K, tiles_per_group);
     const int warp = sh.warp, lane = sh.lane, g = sh.g, count = sh.count, rt0 = sh.rt0;
     const size_t row_tile_words = sh.row_tile_words;
-    const u32* x_lane = (const u32*)X + 8 * sh.t + (size_t)min(g, B - 1) * (K >> 1);
+    const size_t x_lane = (size_t)min(g, B - 1) * K + 16 * sh.t;
     const u32* meta_rows = meta + rt0 * 16 + g;
     // This lane's slots: codes [stage][m] (RW words), the 3-bit third word, scales (2 words).
     u32* runs = smem + (warp * S * MR * 32 + lane) * RW;
@@ -395,7 +424,7 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
         if (j + S - 1 < count) issue((j + S - 1) % S);
         cp_async_commit();
         Tile<BITS, MR, 1> tl;
-        load_x(tl.x, x_lane + (warp + j * KS) * 32);
+        load_x(tl.x, io, x_lane + (size_t)(warp + j * KS) * 64);
         cp_async_wait<S - 1>();
         const int stage = j % S;
 #pragma unroll
@@ -414,19 +443,19 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
             tl.meta[m][0] = sc.x;
             tl.meta[m][1] = sc.y;
         }
-        compute_tile<BITS, POT, MR, 1>(acc, tl, x_lane, K, B, g, 0);
+        compute_tile<BITS, POT, MR, 1>(acc, tl, io, K, B, g, sh.t, 0);
     }
     cp_async_wait<0>();
 
     float* red = (float*)(smem + KS * S * MR * 32 * (BITS + 2));
-    reduce_store<MR, 1, KS>(acc, red, Y, N, B, rt0);
+    reduce_store<MR, 1, KS>(acc, red, io, N, B, rt0);
 }
 
 #define QGEMM(NAME, BITS, POT, MR, NT, KS, U)                                                      \
     extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
-        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U(const u32* W, const u32* meta, const u16* X, \
-                                                      u16* Y, int N, int K, int B, int tpg) {      \
-        qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, X, Y, N, K, B, tpg);                         \
+        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U(const u32* W, const u32* meta, const void* X, \
+                                                      void* Y, int N, int K, int B, int tpg, int io) { \
+        qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, Io{X, Y, io}, N, K, B, tpg);                   \
     }
 
 #define QGEMM_CONFIGS(NAME, BITS, POT)  \
@@ -445,9 +474,9 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
 
 #define QGEMV_ASYNC(NAME, BITS, POT, MR, KS, S)                                                    \
     extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
-        NAME##_b##BITS##_m##MR##_n1_k##KS##_s##S(const u32* W, const u32* meta, const u16* X,      \
-                                                 u16* Y, int N, int K, int B, int tpg) {           \
-        qgemv_async_body<BITS, POT, MR, KS, S>(W, meta, X, Y, N, K, B, tpg);                       \
+        NAME##_b##BITS##_m##MR##_n1_k##KS##_s##S(const u32* W, const u32* meta, const void* X,     \
+                                                 void* Y, int N, int K, int B, int tpg, int io) {  \
+        qgemv_async_body<BITS, POT, MR, KS, S>(W, meta, Io{X, Y, io}, N, K, B, tpg);               \
     }
 
 #define QGEMV_ASYNC_CONFIGS(NAME, BITS, POT) \
@@ -475,11 +504,6 @@ QGEMM_CONFIGS(int, 4, false)
 // The weights as f16 [N][K] (row-major), for products of many tokens through cuBLAS: a warp
 // decodes a tile as the products do, multiplies by the scale in f32, and writes the tile's
 // rows through shared memory as whole 16-byte runs.
-__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
-    u32 d;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    return d;
-}
 __device__ __forceinline__ float f16hi_to_f32(u32 v) { return f16lo_to_f32(v >> 16); }
 
 // Words per row of a staged tile: 32 of weights and 4 of padding (fewer bank conflicts, rows
