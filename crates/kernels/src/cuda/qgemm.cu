@@ -6,7 +6,7 @@
 // A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them (warp w
 // takes tiles w, w+KS, ...) and add their partial sums in shared memory at the end. A warp
 // keeps U tiles in flight in registers: when it has used a tile, it loads the one U ahead
-// into the same registers. Each lane decodes its pairs of weights straight into the A
+// into the same registers (or, `qgemv_async_body`, in a ring of shared-memory stages). Each lane decodes its pairs of weights straight into the A
 // fragments of the mma, unscaled: PoT as 0x4000·0x10001 | fields (±2^(1+E), one lop3 after
 // the rotation), INT as (fields | 0x6400·0x10001) − (1024 + z) (the exact q − z). The group
 // scale multiplies each tile's f32 partial sums.
@@ -287,7 +287,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
 }
 
 // The KS warps' partial sums added in shared memory (`red`: KS · MR · NT · 128 floats) and
-// stored as f16.
+// stored in `io`'s output type.
 template <int MR, int NT, int KS>
 __device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], float* red, const Io& io, int N, int B, int rt0) {
     constexpr int E = MR * NT * 4 * 32;
