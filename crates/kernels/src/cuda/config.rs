@@ -70,7 +70,7 @@ pub fn single_tile_configs() -> impl Iterator<Item = Config> {
 /// tiles per block from 17 tokens on (the activations are then re-read less).
 pub fn config_for(tokens: usize, rows: usize, bits: u8) -> Config {
     let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
-    let pairs = rows % 32 == 0;
+    let pairs = rows.is_multiple_of(32);
     if nt == 1 {
         return match bits {
             2 if pairs && rows >= 8192 => c(2, 1, 16, 2),
@@ -87,9 +87,6 @@ pub fn kernel_name(pot: bool, bits: u8, c: Config) -> String {
     format!("{}_b{bits}_m{}_n{}_k{}_{depth}{}", if pot { "pot" } else { "int" }, c.mr, c.nt, c.ks, c.u)
 }
 
-pub(crate) fn dequant_name(pot: bool, bits: u8) -> String {
-    format!("{}_dequant_b{bits}", if pot { "pot" } else { "int" })
-}
 
 
 #[cfg(test)]

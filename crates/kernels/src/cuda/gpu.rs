@@ -8,9 +8,12 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStr
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 pub use super::config::{config_for, kernel_name, single_tile_configs, Config, CONFIGS, MAX_TOKENS};
-use super::config::dequant_name;
 use super::layout::GpuLayout;
 use super::SOURCE;
+
+fn dequant_name(pot: bool, bits: u8) -> String {
+    format!("{}_dequant_b{bits}", if pot { "pot" } else { "int" })
+}
 
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {

@@ -106,11 +106,11 @@ pub fn pair_position(lane: usize, p: usize) -> (usize, usize) {
 
 fn check_shape(rows: usize, cols: usize, group: usize, bits: u8) -> Result<()> {
     ensure!((2..=4).contains(&bits), "GPU kernels take 2, 3 or 4 bits (got {bits})");
-    ensure!(rows % TILE_ROWS == 0, "GPU kernels need rows in multiples of {TILE_ROWS} (got {rows})");
+    ensure!(rows.is_multiple_of(TILE_ROWS), "GPU kernels need rows in multiples of {TILE_ROWS} (got {rows})");
     // A K tile never straddles two groups: the kernels find a tile's group as `tile / (group /
     // 64)`, which also holds for a short last group (e.g. 576 columns in groups of 128).
-    ensure!(cols % TILE_COLS == 0, "GPU kernels need columns in multiples of {TILE_COLS} (got {cols})");
-    ensure!(group % TILE_COLS == 0, "GPU kernels need groups of a multiple of {TILE_COLS} columns (got {group})");
+    ensure!(cols.is_multiple_of(TILE_COLS), "GPU kernels need columns in multiples of {TILE_COLS} (got {cols})");
+    ensure!(group.is_multiple_of(TILE_COLS), "GPU kernels need groups of a multiple of {TILE_COLS} columns (got {group})");
     Ok(())
 }
 
@@ -503,20 +503,20 @@ mod tests {
     fn any_finite_scale_is_taken_and_bad_shapes_are_errors() {
         // The scale multiplies in f32 after the mma: subnormal or large f16 scales decode too.
         for s in [f16::from_bits(1), f16::from_f32(1024.0)] {
-            let m = GpuLayout::from_parts(Format::Pot, 4, 16, 64, 64, vec![u32::MAX; 128], &vec![s; 16], &[]).unwrap();
+            let m = GpuLayout::from_parts(Format::Pot, 4, 16, 64, 64, vec![u32::MAX; 128], &[s; 16], &[]).unwrap();
             assert_eq!(m.weight(0, 0), -(2f64.powi(8)) * s.to_f64() / 2.0);
         }
-        let e = GpuLayout::from_parts(Format::Pot, 4, 16, 64, 64, vec![0; 128], &vec![f16::INFINITY; 16], &[]).unwrap_err();
+        let e = GpuLayout::from_parts(Format::Pot, 4, 16, 64, 64, vec![0; 128], &[f16::INFINITY; 16], &[]).unwrap_err();
         assert!(e.to_string().contains("not finite"), "{e}");
-        assert!(GpuLayout::from_parts(Format::Pot, 4, 15, 64, 64, vec![0; 120], &vec![f16::ONE; 15], &[]).is_err());
-        assert!(GpuLayout::from_parts(Format::Pot, 4, 16, 96, 96, vec![0; 192], &vec![f16::ONE; 16], &[]).is_err());
+        assert!(GpuLayout::from_parts(Format::Pot, 4, 15, 64, 64, vec![0; 120], &[f16::ONE; 15], &[]).is_err());
+        assert!(GpuLayout::from_parts(Format::Pot, 4, 16, 96, 96, vec![0; 192], &[f16::ONE; 16], &[]).is_err());
     }
 
     #[test]
     fn reference_matmul_is_the_plain_sum() {
         let c = codes(16, 128, 3, 7);
         let words = repack_codes(|r, k| c[r * 128 + k], 16, 128, 3, true).unwrap();
-        let m = GpuLayout::from_parts(Format::Pot, 3, 16, 128, 128, words, &vec![f16::from_f32(0.5); 16], &[]).unwrap();
+        let m = GpuLayout::from_parts(Format::Pot, 3, 16, 128, 128, words, &[f16::from_f32(0.5); 16], &[]).unwrap();
         let x: Vec<f16> = (0..2 * 128).map(|i| f16::from_f32((i % 5) as f32 - 2.0)).collect();
         let y = reference_matmul(&m, &x, 2);
         let want: f64 = (0..128).map(|k| potptq_quant::pot::decode(c[128 + k], 0.5, 3) as f64 * x[128 + k].to_f64()).sum();
