@@ -143,7 +143,7 @@ impl Kernels {
         while done < tokens {
             let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
             let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
-            ensure!(w.rows % (16 * c.mr) == 0, "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
+            ensure!(w.rows.is_multiple_of(16 * c.mr), "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
             let (bi, flags) = (b as i32, io.flags());
@@ -184,7 +184,7 @@ impl Kernels {
     /// Copies `src` into `dst` (16-byte elements) with a plain kernel: the device's copy
     /// bandwidth, measured beside the products.
     pub fn copy(&self, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>) -> Result<()> {
-        ensure!(src.len() == dst.len() && src.len() % 4 == 0, "copy: lengths");
+        ensure!(src.len() == dst.len() && src.len().is_multiple_of(4), "copy: lengths");
         let (sp, _g1) = src.device_ptr(&self.stream);
         let (dp, _g2) = dst.device_ptr(&self.stream);
         let n = (src.len() / 4) as u64;
