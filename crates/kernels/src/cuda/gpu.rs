@@ -37,15 +37,12 @@ impl Io {
         }
     }
 
-    /// The suffix of the kernel instantiation for this type (`qgemm.cu`'s `QGEMM_IO`).
-    fn suffix(self) -> &'static str {
+    fn flags(self) -> i32 {
         match self {
-            Io::F16 => "",
-            Io::F32 => "_f32",
+            Io::F16 => 0,
+            Io::F32 => 3,
         }
     }
-
-    const ALL: [Io; 2] = [Io::F16, Io::F32];
 }
 
 /// A quantized matrix on the GPU (see `layout::GpuLayout`).
@@ -73,8 +70,8 @@ impl Kernels {
         let mut funcs = HashMap::new();
         for pot in [true, false] {
             for bits in 2..=4u8 {
-                for (c, io) in CONFIGS.into_iter().flat_map(|c| Io::ALL.map(|io| (c, io))) {
-                    let name = kernel_name(pot, bits, c) + io.suffix();
+                for c in CONFIGS {
+                    let name = kernel_name(pot, bits, c);
                     let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
                     let shared = c.shared_bytes(bits);
                     if shared > 48 * 1024 {
@@ -147,12 +144,12 @@ impl Kernels {
             let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
             let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
             ensure!(w.rows.is_multiple_of(16 * c.mr), "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
-            let f = &self.funcs[&(kernel_name(w.pot, w.bits, c) + io.suffix())];
+            let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
-            let bi = b as i32;
+            let (bi, flags) = (b as i32, io.flags());
             let cfg = LaunchConfig { grid_dim: ((w.rows / 16 / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
             let mut l = self.stream.launch_builder(f);
-            l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg);
+            l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
             l.launch(cfg)?;
             done += b;
         }

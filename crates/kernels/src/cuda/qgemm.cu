@@ -179,7 +179,6 @@ struct Tile {
 
 // The activations X [B][K] and outputs Y [B][N]: f16, or f32 where the flags say so (a model
 // in f32 then needs no conversions around the product). Bit 0: X is f32; bit 1: Y is f32.
-// The flags are a constant of each kernel instantiation.
 struct Io {
     const void* x;
     void* y;
@@ -452,17 +451,12 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     reduce_store<MR, 1, KS>(acc, red, io, N, B, rt0);
 }
 
-// Each configuration in two instantiations: f16 activations and outputs, and (suffix _f32)
-// f32 ones; the flags are constants, so each keeps only its own loads and stores.
-#define QGEMM_IO(NAME, BITS, POT, MR, NT, KS, U, SUFFIX, FLAGS)                                          \
-    extern "C" __global__ void __launch_bounds__(32 * KS)                                                \
-        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U##SUFFIX(const u32* W, const u32* meta, const void* X, \
-                                                              void* Y, int N, int K, int B, int tpg) {     \
-        qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, Io{X, Y, FLAGS}, N, K, B, tpg);                      \
+#define QGEMM(NAME, BITS, POT, MR, NT, KS, U)                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
+        NAME##_b##BITS##_m##MR##_n##NT##_k##KS##_u##U(const u32* W, const u32* meta, const void* X, \
+                                                      void* Y, int N, int K, int B, int tpg, int io) { \
+        qgemm_body<BITS, POT, MR, NT, KS, U>(W, meta, Io{X, Y, io}, N, K, B, tpg);                   \
     }
-#define QGEMM(NAME, BITS, POT, MR, NT, KS, U)          \
-    QGEMM_IO(NAME, BITS, POT, MR, NT, KS, U, , 0)      \
-    QGEMM_IO(NAME, BITS, POT, MR, NT, KS, U, _f32, 3)
 
 #define QGEMM_CONFIGS(NAME, BITS, POT)  \
     QGEMM(NAME, BITS, POT, 1, 1, 8, 4)  \
@@ -478,15 +472,12 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     QGEMM(NAME, BITS, POT, 2, 4, 4, 2)  \
     QGEMM(NAME, BITS, POT, 2, 8, 4, 2)
 
-#define QGEMV_ASYNC_IO(NAME, BITS, POT, MR, KS, S, SUFFIX, FLAGS)                                      \
-    extern "C" __global__ void __launch_bounds__(32 * KS)                                              \
-        NAME##_b##BITS##_m##MR##_n1_k##KS##_s##S##SUFFIX(const u32* W, const u32* meta, const void* X,  \
-                                                         void* Y, int N, int K, int B, int tpg) {       \
-        qgemv_async_body<BITS, POT, MR, KS, S>(W, meta, Io{X, Y, FLAGS}, N, K, B, tpg);                 \
+#define QGEMV_ASYNC(NAME, BITS, POT, MR, KS, S)                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
+        NAME##_b##BITS##_m##MR##_n1_k##KS##_s##S(const u32* W, const u32* meta, const void* X,     \
+                                                 void* Y, int N, int K, int B, int tpg, int io) {  \
+        qgemv_async_body<BITS, POT, MR, KS, S>(W, meta, Io{X, Y, io}, N, K, B, tpg);               \
     }
-#define QGEMV_ASYNC(NAME, BITS, POT, MR, KS, S)         \
-    QGEMV_ASYNC_IO(NAME, BITS, POT, MR, KS, S, , 0)     \
-    QGEMV_ASYNC_IO(NAME, BITS, POT, MR, KS, S, _f32, 3)
 
 #define QGEMV_ASYNC_CONFIGS(NAME, BITS, POT) \
     QGEMV_ASYNC(NAME, BITS, POT, 1, 8, 8)    \
