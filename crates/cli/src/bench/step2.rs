@@ -18,7 +18,7 @@ use potptq_calib::Step2Options;
 use potptq_model::config::Arch;
 use potptq_model::llama::{Rope, BLOCK_LINEARS};
 use potptq_model::Config;
-use potptq_quant::{pot, GroupLayout};
+use potptq_quant::{step1, GroupLayout};
 use serde_json::json;
 
 use crate::common::{print_json, DeviceArg};
@@ -98,21 +98,19 @@ pub fn run(a: Step2Args) -> Result<()> {
     cfg.validate()?;
     let rope = Rope::new(&cfg, &Device::Cpu)?;
     let graph = BlockGraph::new(&cfg, &rope, a.seq_len, DType::F32, &device)?;
-    let qmax = (1u32 << pot::qmax(a.bits)) as f64;
     let mut weights = Vec::new();
     let mut scales = Vec::new();
     for name in BLOCK_LINEARS {
         let (r, c) = cfg.linear_shape(name);
         let layout = GroupLayout::new(r, c, a.group_size)?;
         let w = Tensor::randn(0f32, 0.02, (r, c), &device)?;
-        // Step 1's starting point s0 = max|W_g| / 2^q_max per group (a short last group too),
-        // as an f16 (Step 1's grid search runs on the CPU and is not what is timed here).
+        // Step 1's starting point `step1::s0` per group (a short last group too), as an f16
+        // (Step 1's grid search runs on the CPU and is not what is timed here).
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let mut s = Vec::with_capacity(r * layout.groups_per_row());
         for row in wv.chunks_exact(c) {
             for g in 0..layout.groups_per_row() {
-                let max = row[layout.group_cols(g)].iter().fold(0f32, |m, v| m.max(v.abs()));
-                s.push(half::f16::from_f32((max as f64 / qmax).max(1e-4) as f32).to_f32());
+                s.push(half::f16::from_f32(step1::s0(&row[layout.group_cols(g)], a.bits).max(1e-4)).to_f32());
             }
         }
         let ls = LearnedScales::new(&w, &s, layout, a.bits)?;
