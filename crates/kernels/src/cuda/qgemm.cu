@@ -125,6 +125,27 @@ __device__ __forceinline__ u32 decode_fields(const u32 (&w)[BITS], u32 w2r, int 
     return lop3<MASK_OR>(move_fields<(MA | MB)>(word, r), MA | MB, base);
 }
 
+// The group parameters of a lane's two rows (g and g + 8) from their meta words (layout.rs):
+// the scales as f32 (PoT: s/2) and, INT, the f16 pair (1024 + z)·0x10001.
+template <bool POT>
+struct RowScales {
+    float s[2];
+    u32 z[2];
+    __device__ __forceinline__ RowScales(u32 lo, u32 hi) {
+        s[0] = POT ? __uint_as_float(lo) : f16lo_to_f32(lo);
+        s[1] = POT ? __uint_as_float(hi) : f16lo_to_f32(hi);
+        z[0] = POT ? 0u : __byte_perm(lo, 0u, 0x3232);
+        z[1] = POT ? 0u : __byte_perm(hi, 0u, 0x3232);
+    }
+};
+
+// Pair p as two unscaled f16 weights (row g + 8·(p & 1)): PoT ±2^(1+E), INT the exact q − z.
+template <int BITS, bool POT>
+__device__ __forceinline__ u32 decode_pair(const u32 (&w)[BITS], u32 w2r, int p, const RowScales<POT>& rs) {
+    const u32 h = decode_fields<BITS, POT>(w, w2r, p, POT ? 0x40004000u : 0x64006400u);
+    return POT ? h : hsub2(h, rs.z[p & 1]);
+}
+
 // A lane's code words of one tile, from `wp` (its run in the tile, layout.rs `word_offset`).
 template <int BITS>
 __device__ __forceinline__ void load_words(u32 (&w)[BITS], const u32* wp) {
@@ -248,17 +269,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
     }
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        float s_lo, s_hi;
-        u32 z_lo = 0u, z_hi = 0u;
-        if (POT) {
-            s_lo = __uint_as_float(tl.meta[m][0]);
-            s_hi = __uint_as_float(tl.meta[m][1]);
-        } else {
-            s_lo = f16lo_to_f32(tl.meta[m][0]);
-            s_hi = f16lo_to_f32(tl.meta[m][1]);
-            z_lo = __byte_perm(tl.meta[m][0], 0u, 0x3232);
-            z_hi = __byte_perm(tl.meta[m][1], 0u, 0x3232);
-        }
+        const RowScales<POT> rs(tl.meta[m][0], tl.meta[m][1]);
         const u32 w2r = BITS == 3 ? rotl(tl.w[m][2 % BITS], 1) : 0u;
         float d[NT][4];
 #pragma unroll
@@ -269,19 +280,16 @@ __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile
         for (int step = 0; step < 4; step++) {
             u32 a[4];
 #pragma unroll
-            for (int reg = 0; reg < 4; reg++) {
-                const u32 h = decode_fields<BITS, POT>(tl.w[m], w2r, step * 4 + reg, POT ? 0x40004000u : 0x64006400u);
-                a[reg] = POT ? h : hsub2(h, (reg & 1) ? z_hi : z_lo);
-            }
+            for (int reg = 0; reg < 4; reg++) a[reg] = decode_pair<BITS, POT>(tl.w[m], w2r, step * 4 + reg, rs);
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) mma16816(d[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
         }
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            acc[m][nt][0] = fmaf(s_lo, d[nt][0], acc[m][nt][0]);
-            acc[m][nt][1] = fmaf(s_lo, d[nt][1], acc[m][nt][1]);
-            acc[m][nt][2] = fmaf(s_hi, d[nt][2], acc[m][nt][2]);
-            acc[m][nt][3] = fmaf(s_hi, d[nt][3], acc[m][nt][3]);
+            acc[m][nt][0] = fmaf(rs.s[0], d[nt][0], acc[m][nt][0]);
+            acc[m][nt][1] = fmaf(rs.s[0], d[nt][1], acc[m][nt][1]);
+            acc[m][nt][2] = fmaf(rs.s[1], d[nt][2], acc[m][nt][2]);
+            acc[m][nt][3] = fmaf(rs.s[1], d[nt][3], acc[m][nt][3]);
         }
     }
 }
@@ -523,18 +531,15 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u3
         const int rt = tile / ktiles, kt = tile % ktiles, grp = kt / tiles_per_group;
         u32 w[BITS];
         load_words<BITS>(w, W + (size_t)tile * BITS * 32 + RW * lane);
-        const u32 m_lo = ld_nc(meta + (size_t)grp * N + rt * 16 + g), m_hi = ld_nc(meta + (size_t)grp * N + rt * 16 + g + 8);
-        const float s_lo = POT ? __uint_as_float(m_lo) : f16lo_to_f32(m_lo);
-        const float s_hi = POT ? __uint_as_float(m_hi) : f16lo_to_f32(m_hi);
-        const u32 z_lo = __byte_perm(m_lo, 0u, 0x3232), z_hi = __byte_perm(m_hi, 0u, 0x3232);
+        const u32* mp = meta + (size_t)grp * N + rt * 16 + g;
+        const RowScales<POT> rs(ld_nc(mp), ld_nc(mp + 8));
         const u32 w2r = BITS == 3 ? rotl(w[2 % BITS], 1) : 0u;
         __syncwarp();
 #pragma unroll
         for (int p = 0; p < 16; p++) {
             const int reg = p & 3, step = p >> 2;
-            const u32 h = decode_fields<BITS, POT>(w, w2r, p, POT ? 0x40004000u : 0x64006400u);
-            const u32 a = POT ? h : hsub2(h, (reg & 1) ? z_hi : z_lo);
-            const float s = (reg & 1) ? s_hi : s_lo;
+            const u32 a = decode_pair<BITS, POT>(w, w2r, p, rs);
+            const float s = rs.s[reg & 1];
             const int row = g + 8 * (reg & 1), col_word = 8 * t + 2 * step + (reg >> 1);
             tile_rows[row * STAGE_ROW + col_word] = pack_f16x2(f16lo_to_f32(a) * s, f16hi_to_f32(a) * s);
         }
