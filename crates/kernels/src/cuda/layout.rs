@@ -301,15 +301,13 @@ impl GpuLayout {
         pair_codes(&words, p, self.bits, self.is_pot())[half]
     }
 
-    /// Weight `(r, c)` as the kernel computes it: PoT `±2^(1+E)·(s/2)`, INT `(q − z)·s`, both
-    /// exact in f64.
+    /// Weight `(r, c)` as the kernel computes it, exactly: PoT its levels `±2^(1+E)` times
+    /// `s/2`, the quantizer's `±s·2^E`; INT `(q − z)·s`.
     pub fn weight(&self, r: usize, c: usize) -> f64 {
         let meta = self.meta[(c / self.group) * self.rows + r];
         let q = self.code(r, c);
         if self.is_pot() {
-            let e = (q & pot::qmax(self.bits) as u8) as i32;
-            let sign = if q >> (self.bits - 1) == 1 { -1.0 } else { 1.0 };
-            sign * 2f64.powi(1 + e) * f32::from_bits(meta) as f64
+            pot::decode(q, 2.0 * f32::from_bits(meta), self.bits) as f64
         } else {
             let s = f16::from_bits(meta as u16).to_f64();
             let z = f16::from_bits((meta >> 16) as u16).to_f64() - 1024.0;
