@@ -3,12 +3,13 @@
 //! is ordered with candle's work around it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use half::f16;
 use potptq_kernels::cuda::gpu::{GpuMatrix, Io, Kernels};
@@ -73,38 +74,30 @@ impl CustomOp1 for GpuPackedMatMul<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             return Err(candle_core::Error::Msg(format!("{}: the input must be contiguous", self.name())));
         };
-        let dev = storage.device();
         match storage.dtype() {
-            DType::F32 => {
-                let x = storage.as_cuda_slice::<f32>()?.slice(start..end);
-                // SAFETY: the kernel writes every one of the tokens·rows outputs.
-                let y = unsafe { dev.alloc::<f32>(tokens * m.rows)? };
-                self.launch(dev, &x, &y, tokens, Io::F32)?;
-                Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
-            }
-            DType::F16 => {
-                let x = storage.as_cuda_slice::<f16>()?.slice(start..end);
-                // SAFETY: as above.
-                let y = unsafe { dev.alloc::<f16>(tokens * m.rows)? };
-                self.launch(dev, &x, &y, tokens, Io::F16)?;
-                Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
-            }
+            DType::F32 => self.product::<f32>(storage, start..end, tokens, shape, Io::F32),
+            DType::F16 => self.product::<f16>(storage, start..end, tokens, shape, Io::F16),
             other => Err(candle_core::Error::Msg(format!("{}: activations in {other:?}, not f32 or f16", self.name()))),
         }
     }
 }
 
 impl GpuPackedMatMul<'_> {
-    fn launch<X: DevicePtr<T>, Y: DevicePtr<T>, T>(&self, dev: &CudaDevice, x: &X, y: &Y, tokens: usize, io: Io) -> candle_core::Result<()> {
-        if tokens == 0 {
-            return Ok(());
+    /// The product for activations (elements `x` of `storage`) and outputs of type `T`.
+    fn product<T: CudaDType + DeviceRepr>(&self, storage: &CudaStorage, x: Range<usize>, tokens: usize, shape: Shape, io: Io) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = storage.device();
+        let x = storage.as_cuda_slice::<T>()?.slice(x);
+        // SAFETY: the kernel writes every one of the tokens·rows outputs.
+        let y = unsafe { dev.alloc::<T>(tokens * self.0.matrix.rows)? };
+        if tokens > 0 {
+            let stream = dev.cuda_stream();
+            let (xp, _x_guard) = x.device_ptr(&stream);
+            let (yp, _y_guard) = y.device_ptr(&stream);
+            // SAFETY: x holds tokens·cols and y tokens·rows elements of io's type, on the
+            // kernels' stream (the device's own).
+            unsafe { self.0.kernels.matmul_raw(&self.0.matrix, xp, yp, tokens, io) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         }
-        let stream = dev.cuda_stream();
-        let (xp, _x_guard) = x.device_ptr(&stream);
-        let (yp, _y_guard) = y.device_ptr(&stream);
-        // SAFETY: x holds tokens·cols and y tokens·rows elements of io's type, on the kernels'
-        // stream (the device's own).
-        unsafe { self.0.kernels.matmul_raw(&self.0.matrix, xp, yp, tokens, io) }.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
     }
 }
 
@@ -148,19 +141,17 @@ pub const DENSE_FROM_TOKENS: usize = potptq_kernels::cuda::gpu::MAX_TOKENS + 1;
 /// around them for an f32 model); more (prefill, evaluation) through `W` dequantized to f16
 /// for this product and cuBLAS.
 pub fn gpu_packed_matmul(x: &Tensor, m: &GpuPacked) -> Result<Tensor> {
-    let (rows, cols) = (m.matrix.rows, m.matrix.cols);
-    let tokens = if x.dims().last() == Some(&cols) { x.elem_count() / cols } else { 0 };
+    let op = GpuPackedMatMul(m);
+    let (tokens, out_shape) = output_shape(x.layout(), m.matrix.cols, m.matrix.rows, op.name())?;
     if x.dtype() == DType::F32 && tokens < DENSE_FROM_TOKENS {
-        return Ok(x.contiguous()?.apply_op1_no_bwd(&GpuPackedMatMul(m))?);
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
     }
     let x16 = x.to_dtype(DType::F16)?.contiguous()?;
     let y = if tokens >= DENSE_FROM_TOKENS {
         let w = x16.apply_op1_no_bwd(&GpuPackedDequant(m))?;
-        let mut dims = x16.dims().to_vec();
-        *dims.last_mut().expect("at least one dimension") = rows;
-        x16.reshape((tokens, cols))?.matmul(&w.t()?)?.reshape(dims)?
+        x16.reshape((tokens, m.matrix.cols))?.matmul(&w.t()?)?.reshape(out_shape)?
     } else {
-        x16.apply_op1_no_bwd(&GpuPackedMatMul(m))?
+        x16.apply_op1_no_bwd(&op)?
     };
     Ok(y.to_dtype(x.dtype())?)
 }

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStr
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 pub use super::config::{config_for, kernel_name, single_tile_configs, Config, CONFIGS, MAX_TOKENS};
-use super::layout::GpuLayout;
+use super::layout::{GpuLayout, TILE_COLS, TILE_ROWS};
 use super::SOURCE;
 
 fn dequant_name(pot: bool, bits: u8) -> String {
@@ -138,16 +138,16 @@ impl Kernels {
         ensure!(tokens > 0, "no tokens");
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
-        let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / super::layout::TILE_COLS) as i32);
+        let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / TILE_COLS) as i32);
         let mut done = 0;
         while done < tokens {
             let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
             let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
-            ensure!(w.rows.is_multiple_of(16 * c.mr), "configuration {c:?} needs rows in multiples of {}", 16 * c.mr);
+            ensure!(w.rows.is_multiple_of(TILE_ROWS * c.mr), "configuration {c:?} needs rows in multiples of {}", TILE_ROWS * c.mr);
             let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
             let (bi, flags) = (b as i32, io.flags());
-            let cfg = LaunchConfig { grid_dim: ((w.rows / 16 / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
+            let cfg = LaunchConfig { grid_dim: ((w.rows / TILE_ROWS / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
             let mut l = self.stream.launch_builder(f);
             l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
             l.launch(cfg)?;
@@ -164,8 +164,8 @@ impl Kernels {
     pub unsafe fn dequantize_raw(&self, w: &GpuMatrix, out: u64) -> Result<()> {
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
-        let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / super::layout::TILE_COLS) as i32);
-        let tiles = (w.rows / 16) * (w.cols / 64);
+        let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / TILE_COLS) as i32);
+        let tiles = (w.rows / TILE_ROWS) * (w.cols / TILE_COLS);
         let blocks = tiles.div_ceil(8).clamp(1, 132 * 16) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.funcs[&dequant_name(w.pot, w.bits)]);
