@@ -2,15 +2,16 @@
 //!
 //! The inference forward (`potptq_model::llama`) uses ops that candle cannot differentiate: the
 //! fused rms-norm and rope, and a CPU attention kernel. Step 2 needs gradients through the
-//! block, on a GPU as well, so this forward is built from plain ops only: rms-norm from
-//! mean/sqrt, `rope_slow`, and `ops::softmax` over scores with an additive causal mask. It
+//! block, on a GPU as well, so this forward is built from differentiable ops: rms-norm from
+//! mean/sqrt, `rope_slow`, and the fused `causal_softmax` (which has its gradient). It
 //! computes the same function as `Block::forward` (a test checks it).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use potptq_model::attention::{causal_mask, grouped_attention};
 use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
+
+use crate::softmax::causal_softmax;
 
 /// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
 #[derive(Debug, Clone)]
@@ -58,28 +59,22 @@ impl BlockWeights {
     }
 }
 
-/// The constant parts of the block graph for sequences of one length: rotary tables and the
-/// causal mask.
+/// The constant parts of the block graph for sequences of one length: the rotary tables.
 #[derive(Debug, Clone)]
 pub struct BlockGraph {
     cfg: Config,
     cos: Tensor,
     sin: Tensor,
-    /// `[group · seq, seq]`: 0 where a query may see a key, −∞ after it; one copy per query
-    /// head of a KV group, since those heads are stacked along the query axis.
-    mask: Tensor,
 }
 
 impl BlockGraph {
     /// Builds the graph's constants in `dtype` (f32 to train; f64 to check gradients).
     pub fn new(cfg: &Config, rope: &Rope, seq_len: usize, dtype: DType, device: &Device) -> Result<Self> {
         let (cos, sin) = rope.tables();
-        let group = cfg.num_heads / cfg.num_kv_heads;
         Ok(Self {
             cfg: cfg.clone(),
             cos: cos.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
             sin: sin.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
-            mask: causal_mask(group, seq_len, seq_len, dtype, device)?,
         })
     }
 
@@ -107,7 +102,9 @@ impl BlockGraph {
         Ok((x + w.linear("mlp.down_proj", &act)?)?)
     }
 
-    /// Causal attention with grouped KV heads (`grouped_attention`), rotary by `rope_slow`.
+    /// Causal attention with grouped KV heads, rotary by `rope_slow`: the query heads of a
+    /// KV group stacked along the query axis, as `potptq_model::attention::grouped_attention`
+    /// has them, the softmax fused.
     fn attention(&self, w: &BlockWeights, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
@@ -118,7 +115,10 @@ impl BlockGraph {
         let q = heads(w.linear("self_attn.q_proj", x)?, nh)?;
         let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?;
         let v = w.linear("self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let out = grouped_attention(&q, &k, &v, Some(&self.mask))?;
+        let q = q.reshape((b, nkv, nh / nkv * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = causal_softmax(&scores, t, 1.0 / (hd as f64).sqrt())?;
+        let out = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }

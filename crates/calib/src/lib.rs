@@ -4,8 +4,11 @@ pub mod blockwise;
 pub mod fakequant;
 pub mod graph;
 pub mod methods;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 pub mod rotate;
 pub mod segments;
+pub mod softmax;
 pub mod state;
 pub mod step2;
 

@@ -101,8 +101,8 @@ pub fn causal_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result
     Ok(out)
 }
 
-/// Causal grouped-query attention from tensor ops, on any device (the GPU inference path)
-/// and differentiable (Step 2's block graph): `q` `[batch, heads, queries, head_dim]` (rotary
+/// Causal grouped-query attention from tensor ops, on any device (the GPU inference path):
+/// `q` `[batch, heads, queries, head_dim]` (rotary
 /// applied), `k`, `v` `[batch, kv_heads, keys, head_dim]`, the queries at the last positions
 /// of the keys → `[batch, heads, queries, head_dim]`.
 ///
@@ -123,8 +123,8 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
         None if t > 1 => scores.broadcast_add(&causal_mask(group, t, n, scores.dtype(), scores.device())?)?,
         None => scores,
     };
-    // The fused softmax has no gradient; the composed one is kept for graphs that train.
-    let probs = if scores.track_op() { candle_nn::ops::softmax(&scores, candle_core::D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+    // candle's fused softmax has no gradient: graphs that train use `potptq_calib::softmax`.
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, d))?)
 }
 
