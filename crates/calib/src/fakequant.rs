@@ -7,23 +7,35 @@
 //! largest cost of a GPU step after the matrix products; as one op it reads `W` and `ŝ` once.
 //! The backward keeps the method's straight-through estimator: `P·2^E` is held constant, so
 //! `∂L/∂ŝ_g = Σ_{j ∈ g} ∂L/∂W̃_j · P_j 2^{E_j} = (Σ_j ∂L/∂W̃_j · W̃_j) / ŝ_g` (exact: `W̃_j / ŝ_g`
-//! is a power of two), and `W` gets no gradient here (trained weights add theirs outside).
+//! is a power of two), one more pass, and `W` gets no gradient here (trained weights add
+//! theirs outside).
+//!
+//! The op reads `Wᵀ` and writes `W̃ᵀ`, `[cols, rows]`: the block's linears compute `x · W̃ᵀ`,
+//! whose weight gradient a matrix product then delivers in this same layout. With `W̃` itself,
+//! candle would add the transposed gradient into a `[rows, cols]` buffer with strided reads, a
+//! pass that cost three times a plain one; and trained weights, kept as `Wᵀ`, take their
+//! straight-through gradient as it comes.
 
 use std::f64::consts::LN_2;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `W̃` from weights `[rows, cols]` and scales `[rows, groups]` of `group` columns (both f32);
-/// see the module docs. The gradient reaches the scales only.
-pub fn pot_fake_quant(weights: &Tensor, scales: &Tensor, group: usize, qmax: u32) -> Result<Tensor> {
-    weights.apply_op2(scales, FakeQuant { group, qmax })
+/// `W̃ᵀ` `[cols, rows]` from the transposed weights `Wᵀ` `[cols, rows]` and scales
+/// `[rows, groups]` of `group` columns of `W` (both f32); see the module docs. The gradient
+/// reaches the scales only.
+pub fn pot_fake_quant_t(weights_t: &Tensor, scales: &Tensor, group: usize, qmax: u32) -> Result<Tensor> {
+    weights_t.apply_op2(scales, FakeQuant { group, qmax })
 }
 
+#[derive(Clone, Copy)]
 struct FakeQuant {
     group: usize,
     qmax: u32,
 }
+
+/// `∂L/∂ŝ` from `∂L/∂W̃ᵀ`, `W̃ᵀ` and `ŝ` (an op without a gradient).
+struct FakeQuantGrad(FakeQuant);
 
 /// The level `±2^E` of weight `w` under scale `s`, with the arithmetic of the tensor-op form
 /// (`ln(|w| / s) · (1 / ln 2)` in f32, rounded half away from zero).
@@ -33,28 +45,22 @@ fn level(w: f32, s: f32, qmax: f32) -> f32 {
     if w >= 0.0 { magnitude } else { -magnitude }
 }
 
-/// `(rows, cols, groups)` of contiguous operands that fit together.
-fn check(l1: &Layout, l2: &Layout, group: usize) -> Result<(usize, usize, usize)> {
-    let (rows, cols) = l1.shape().dims2()?;
+/// `(rows, cols, groups)` of contiguous transposed weights `[cols, rows]` and scales
+/// `[rows, groups]` that fit together.
+fn check(lw: &Layout, ls: &Layout, group: usize) -> Result<(usize, usize, usize)> {
+    let (cols, rows) = lw.shape().dims2()?;
     let groups = cols.div_ceil(group.max(1));
-    if group == 0 || l2.shape().dims2()? != (rows, groups) || !l1.is_contiguous() || !l2.is_contiguous() {
-        candle_core::bail!("pot_fake_quant: contiguous weights [rows, cols] and scales [rows, cols / {group}] (got {:?} and {:?})", l1.shape(), l2.shape());
+    if group == 0 || ls.shape().dims2()? != (rows, groups) || !lw.is_contiguous() || !ls.is_contiguous() {
+        candle_core::bail!("pot_fake_quant: contiguous transposed weights [cols, rows] and scales [rows, cols / {group}] (got {:?} and {:?})", lw.shape(), ls.shape());
     }
     Ok((rows, cols, groups))
 }
 
-/// `Σ` over each group of columns of `t` `[rows, cols]`: `[rows, groups]`.
-fn group_sums(t: &Tensor, group: usize) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let whole = cols / group;
-    let mut parts = Vec::new();
-    if whole > 0 {
-        parts.push(t.narrow(1, 0, whole * group)?.reshape((rows, whole, group))?.sum(D::Minus1)?);
-    }
-    if cols % group > 0 {
-        parts.push(t.narrow(1, whole * group, cols % group)?.sum_keepdim(D::Minus1)?);
-    }
-    Tensor::cat(&parts, 1)
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("pot_fake_quant: f32 weights and scales");
+    };
+    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
 impl CustomOp2 for FakeQuant {
@@ -64,82 +70,167 @@ impl CustomOp2 for FakeQuant {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, cols, groups) = check(l1, l2, self.group)?;
-        let (CpuStorage::F32(w), CpuStorage::F32(s)) = (s1, s2) else {
-            candle_core::bail!("pot_fake_quant: f32 weights and scales");
-        };
-        let w = &w[l1.start_offset()..l1.start_offset() + rows * cols];
-        let s = &s[l2.start_offset()..l2.start_offset() + rows * groups];
+        let (wt, s) = (f32s(s1, l1)?, f32s(s2, l2)?);
         let qmax = self.qmax as f32;
         let mut out = vec![0f32; rows * cols];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), l1.shape().clone()));
-        }
-        out.par_chunks_mut(cols).zip(w.par_chunks(cols)).zip(s.par_chunks(groups)).for_each(|((o, row), sr)| {
-            for ((og, wg), &sg) in o.chunks_mut(self.group).zip(row.chunks(self.group)).zip(sr) {
-                for (o, &v) in og.iter_mut().zip(wg) {
+        if rows > 0 {
+            out.par_chunks_mut(rows).zip(wt.par_chunks(rows)).enumerate().for_each(|(c, (o, wc))| {
+                let g = c / self.group;
+                for (r, (o, &v)) in o.iter_mut().zip(wc).enumerate() {
+                    let sg = s[r * groups + g];
                     *o = sg * level(v, sg, qmax);
                 }
-            }
-        });
+            });
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-
         let (rows, cols, groups) = check(l1, l2, self.group)?;
-        let n = rows * cols;
-        let dev = s1.device();
         let w = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
         let s = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let func = dev.get_or_load_custom_func("pot_fake_quant", "potptq_fake_quant", cuda::ptx()?)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let (n64, cols32, groups32, group32, qmax, inv_ln2) = (n as u64, cols as u32, groups as u32, self.group as u32, self.qmax as f32, (1.0 / LN_2) as f32);
-        let mut b = func.builder();
-        b.arg(&w).arg(&s).arg(&out).arg(&n64).arg(&cols32).arg(&groups32).arg(&group32).arg(&qmax).arg(&inv_ln2);
-        // Grid-stride: any grid covers every weight; this one fills an H200-sized GPU.
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: `w` and `out` hold rows·cols weights and `s` rows·groups scales, checked above.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
+        let out = cuda::fake_quant_t(s1.device(), self, (rows, cols, groups), &w, &s)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
     }
 
     fn bwd(&self, _weights: &Tensor, scales: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_scales = group_sums(&(grad_res * res)?, self.group)?.div(scales)?;
-        Ok((None, Some(grad_scales)))
+        Ok((None, Some(grad_res.contiguous()?.apply_op3_no_bwd(res, scales, &FakeQuantGrad(*self))?)))
+    }
+}
+
+impl CustomOp3 for FakeQuantGrad {
+    fn name(&self) -> &'static str {
+        "pot-fake-quant-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols, groups) = check(l1, l3, self.0.group)?;
+        check(l2, l3, self.0.group)?;
+        let (g, wt, s) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        // One task per group: its columns are whole rows of `W̃ᵀ`, read in order.
+        let sums: Vec<Vec<f32>> = (0..groups)
+            .into_par_iter()
+            .map(|gi| {
+                let mut acc = vec![0f32; rows];
+                for c in gi * self.0.group..cols.min((gi + 1) * self.0.group) {
+                    for ((a, &g), &w) in acc.iter_mut().zip(&g[c * rows..][..rows]).zip(&wt[c * rows..][..rows]) {
+                        *a += g * w;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let out = (0..rows * groups).map(|i| sums[i % groups][i / groups] / s[i]).collect();
+        Ok((CpuStorage::F32(out), l3.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (rows, cols, groups) = check(l1, l3, self.0.group)?;
+        check(l2, l3, self.0.group)?;
+        let g = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let wt = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let s = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let out = cuda::scale_grad(s1.device(), &self.0, (rows, cols, groups), &g, &wt, &s)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l3.shape().clone()))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::OnceLock;
+    use std::f64::consts::LN_2;
 
-    /// The kernel of `FakeQuant`, one thread per weight (grid-stride); `level` in CUDA.
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+
+    use super::FakeQuant;
+
+    /// One thread per (row, group) of `W`, 128 rows a block: the thread keeps the group's scale
+    /// and walks the group's rows of `Wᵀ` and `W̃ᵀ` (consecutive threads, consecutive
+    /// addresses): `pot_fake_quant_t` writes `W̃ᵀ`, `scale_grad` sums `∂L/∂W̃ᵀ ⊙ W̃ᵀ`.
     const SOURCE: &str = r#"
-extern "C" __global__ void pot_fake_quant(const float* __restrict__ w, const float* __restrict__ s, float* __restrict__ out,
-                                          unsigned long long n, unsigned int cols, unsigned int groups, unsigned int group,
-                                          float qmax, float inv_ln2) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        const unsigned long long row = i / cols;
-        const float v = w[i], sg = s[row * groups + (unsigned int)(i - row * cols) / group];
+extern "C" __global__ void pot_fake_quant_t(const float* __restrict__ wt, const float* __restrict__ s, float* __restrict__ out,
+                                            unsigned int rows, unsigned int cols, unsigned int groups, unsigned int group,
+                                            float qmax, float inv_ln2) {
+    const unsigned int r = blockIdx.x * blockDim.x + threadIdx.x, gi = blockIdx.y;
+    if (r >= rows) return;
+    const float sg = s[(size_t)r * groups + gi];
+    const unsigned int end = min(cols, (gi + 1) * group);
+    for (unsigned int c = gi * group; c < end; ++c) {
+        const float v = wt[(size_t)c * rows + r];
         const float e = fminf(fmaxf(roundf(logf(fabsf(v) / sg) * inv_ln2), 0.f), qmax);
         const float magnitude = (float)(1u << (unsigned int)e);
-        out[i] = sg * (v >= 0.f ? magnitude : -magnitude);
+        out[(size_t)c * rows + r] = sg * (v >= 0.f ? magnitude : -magnitude);
     }
+}
+
+extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* __restrict__ wt, const float* __restrict__ s,
+                                      float* __restrict__ out, unsigned int rows, unsigned int cols, unsigned int groups,
+                                      unsigned int group) {
+    const unsigned int r = blockIdx.x * blockDim.x + threadIdx.x, gi = blockIdx.y;
+    if (r >= rows) return;
+    const unsigned int end = min(cols, (gi + 1) * group);
+    float acc = 0.f;
+    for (unsigned int c = gi * group; c < end; ++c) acc += g[(size_t)c * rows + r] * wt[(size_t)c * rows + r];
+    out[(size_t)r * groups + gi] = acc / s[(size_t)r * groups + gi];
 }
 "#;
 
-    pub fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("NVRTC: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+
+    fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<candle_core::cuda_backend::CudaFunc> {
+        dev.get_or_load_custom_func(name, "potptq_fake_quant", crate::nvrtc::ptx(&PTX, SOURCE)?)
+    }
+
+    fn u32s(dims: (usize, usize, usize), group: usize) -> candle_core::Result<[u32; 4]> {
+        let fit = |v: usize| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("pot_fake_quant: {dims:?} does not fit the kernel's 32-bit indices")));
+        Ok([fit(dims.0)?, fit(dims.1)?, fit(dims.2)?, fit(group)?])
+    }
+
+    pub fn fake_quant_t(dev: &CudaDevice, op: &FakeQuant, dims: (usize, usize, usize), w: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
+        let (rows, cols, _) = dims;
+        let [r, c, g, gs] = u32s(dims, op.group)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(rows * cols)? };
+        if rows * cols == 0 {
+            return Ok(out);
+        }
+        let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
+        let f = func(dev, "pot_fake_quant_t")?;
+        let mut b = f.builder();
+        b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
+        let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `w` and `out` hold rows · cols weights and `s` rows · groups scales (`check`).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    pub fn scale_grad(dev: &CudaDevice, op: &FakeQuant, dims: (usize, usize, usize), g: &CudaView<f32>, wt: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
+        let (rows, _, groups) = dims;
+        let [r, c, gr, gs] = u32s(dims, op.group)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(rows * groups)? };
+        if rows * groups == 0 {
+            return Ok(out);
+        }
+        let f = func(dev, "scale_grad")?;
+        let mut b = f.builder();
+        b.arg(g).arg(wt).arg(s).arg(&out).arg(&r).arg(&c).arg(&gr).arg(&gs);
+        let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), gr, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `g` and `wt` hold cols · rows values and `s` rows · groups scales (`check`).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
     }
 }
 
@@ -154,7 +245,7 @@ mod tests {
         w
     }
 
-    /// `W̃` and its scale gradient as tensor operations, groups spread by index.
+    /// `W̃` as tensor operations, groups spread by index, transposed like the op's output.
     fn plain(w: &Tensor, s: &Tensor, group: usize, qmax: u32) -> Tensor {
         let cols = w.dim(1).unwrap();
         let idx = Tensor::from_vec((0..cols).map(|c| (c / group) as u32).collect::<Vec<_>>(), cols, w.device()).unwrap();
@@ -163,7 +254,7 @@ mod tests {
         let e = ((w.abs().unwrap().div(&sd).unwrap().log().unwrap() / LN_2).unwrap().round().unwrap()).clamp(0.0, qmax as f64).unwrap();
         let sign = ((w.ge(0f64).unwrap().to_dtype(candle_core::DType::F32).unwrap() * 2.0).unwrap() - 1.0).unwrap();
         let levels = (e * LN_2).unwrap().exp().unwrap().round().unwrap().mul(&sign).unwrap();
-        levels.mul(&spread).unwrap()
+        levels.mul(&spread).unwrap().t().unwrap()
     }
 
     /// The op equals the tensor-op form, values exactly and scale gradients, with a ragged
@@ -174,11 +265,11 @@ mod tests {
             let groups = cols.div_ceil(group);
             let w = Tensor::from_vec(weights(rows, cols), (rows, cols), &Device::Cpu).unwrap();
             let s = Var::from_tensor(&Tensor::from_vec((0..rows * groups).map(|i| 3e-4 + 2e-4 * i as f32).collect::<Vec<_>>(), (rows, groups), &Device::Cpu).unwrap()).unwrap();
-            let probe = Tensor::from_vec((0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
+            let probe = Tensor::from_vec((0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), (cols, rows), &Device::Cpu).unwrap();
             for qmax in [1u32, 3, 7] {
-                let fused = pot_fake_quant(&w, s.as_tensor(), group, qmax).unwrap();
+                let fused = pot_fake_quant_t(&w.t().unwrap().contiguous().unwrap(), s.as_tensor(), group, qmax).unwrap();
                 let plain = plain(&w, s.as_tensor(), group, qmax);
-                let (a, b): (Vec<f32>, Vec<f32>) = (fused.flatten_all().unwrap().to_vec1().unwrap(), plain.flatten_all().unwrap().to_vec1().unwrap());
+                let (a, b): (Vec<f32>, Vec<f32>) = (fused.flatten_all().unwrap().to_vec1().unwrap(), plain.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap());
                 assert_eq!(a, b, "[{rows}, {cols}] g{group} qmax {qmax}");
                 let ga = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 let gb = (&plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -210,7 +301,8 @@ mod tests {
             let run = |d: &Device| {
                 let wt = Tensor::from_vec(w.clone(), (rows, cols), d).unwrap();
                 let sv = Var::from_tensor(&Tensor::from_vec(s.clone(), (rows, groups), d).unwrap()).unwrap();
-                let out = pot_fake_quant(&wt, sv.as_tensor(), group, qmax).unwrap();
+                let wt = wt.t().unwrap().contiguous().unwrap();
+                let out = pot_fake_quant_t(&wt, sv.as_tensor(), group, qmax).unwrap();
                 let probe = wt.sin().unwrap();
                 let g = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 let g: Vec<f32> = g.get(sv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -228,16 +320,19 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let w = Tensor::zeros((2, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err = |s: Tensor, group: usize| pot_fake_quant(&w, &s, group, 3).unwrap_err().to_string();
+        // `Wᵀ` of 2 rows × 12 columns.
+        let wt = Tensor::zeros((12, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = |s: Tensor, group: usize| pot_fake_quant_t(&wt, &s, group, 3).unwrap_err().to_string();
         let e = err(Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(), 4);
         assert!(e.contains("scales [rows, cols / 4]"), "12 columns are 3 groups of 4: {e}");
         let e = err(Tensor::ones((2, 3), candle_core::DType::F64, &Device::Cpu).unwrap(), 4);
         assert!(e.contains("f32 weights and scales"), "{e}");
         let e = err(Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0);
         assert!(e.contains("pot_fake_quant"), "{e}");
-        assert!(pot_fake_quant(&w, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).is_ok());
-        let empty = Tensor::zeros((0, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(pot_fake_quant(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[0, 12]);
+        let e = pot_fake_quant_t(&wt.t().unwrap(), &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap_err().to_string();
+        assert!(e.contains("contiguous transposed weights"), "a strided view: {e}");
+        assert_eq!(pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[12, 2]);
+        let empty = Tensor::zeros((12, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(pot_fake_quant_t(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[12, 0]);
     }
 }

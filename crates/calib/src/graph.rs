@@ -18,7 +18,9 @@ use crate::softmax::causal_softmax;
 pub struct BlockWeights {
     pub attn_norm: Tensor,
     pub mlp_norm: Tensor,
-    pub weights: [Tensor; 7],
+    /// Each linear's weight transposed, `[in, out]` (a view or contiguous): a linear is the
+    /// plain product `x · Wᵀ`, and the gradient of a trained `Wᵀ` arrives in its own layout.
+    pub weights_t: [Tensor; 7],
     pub biases: [Option<Tensor>; 7],
 }
 
@@ -29,33 +31,33 @@ impl BlockWeights {
         let mut biases = Vec::with_capacity(7);
         for i in 0..7 {
             let l = linear(i)?;
-            weights.push(l.weight()?.to_device(device)?);
+            weights.push(l.weight()?.to_device(device)?.t()?);
             biases.push(match &l.bias {
                 Some(b) => Some(b.to_device(device)?),
                 None => None,
             });
         }
-        let weights: [Tensor; 7] = weights.try_into().expect("seven linears");
+        let weights_t: [Tensor; 7] = weights.try_into().expect("seven linears");
         let biases: [Option<Tensor>; 7] = biases.try_into().expect("seven linears");
-        Ok(Self { attn_norm: block.attn_norm.to_device(device)?, mlp_norm: block.mlp_norm.to_device(device)?, weights, biases })
+        Ok(Self { attn_norm: block.attn_norm.to_device(device)?, mlp_norm: block.mlp_norm.to_device(device)?, weights_t, biases })
     }
 
-    /// The same block with other linear weights (e.g. quantized ones, or ones that carry a
-    /// gradient).
-    pub fn with_weights(&self, weights: [Tensor; 7]) -> Self {
-        Self { weights, ..self.clone() }
+    /// The same block with other linear weights, transposed (e.g. quantized ones, or ones
+    /// that carry a gradient).
+    pub fn with_weights_t(&self, weights_t: [Tensor; 7]) -> Self {
+        Self { weights_t, ..self.clone() }
     }
 
     fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
         let i = BLOCK_LINEARS.iter().position(|n| *n == name).context("block linear")?;
-        let w = &self.weights[i];
+        let wt = &self.weights_t[i];
         let (b, t, inp) = x.dims3()?;
-        let y = x.reshape((b * t, inp))?.matmul(&w.t()?)?;
+        let y = x.reshape((b * t, inp))?.matmul(wt)?;
         let y = match &self.biases[i] {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
-        Ok(y.reshape((b, t, w.dim(0)?))?)
+        Ok(y.reshape((b, t, wt.dim(1)?))?)
     }
 }
 

@@ -134,11 +134,12 @@ struct Start {
     weight: Option<Tensor>,
 }
 
+/// `W`, held as `Wᵀ` `[cols, rows]`: the layout of `W̃ᵀ`, which the fused op reads in
+/// place and a trained `W`'s straight-through gradient arrives in.
 enum Source {
-    /// `W`, held.
-    Fixed { weight: Tensor },
-    /// `W` itself, moved by its own Adam.
-    Trained { weight: Var, adam: Adam },
+    Fixed { weight_t: Tensor },
+    /// Moved by its own Adam.
+    Trained { weight_t: Var, adam: Adam },
 }
 
 impl LearnedScales {
@@ -151,7 +152,7 @@ impl LearnedScales {
         let group_of_col: Vec<u32> = (0..layout.cols).map(|c| (c / layout.group_size) as u32).collect();
         let shape = (layout.rows, groups);
         Ok(Self {
-            source: Source::Fixed { weight: source.clone() },
+            source: Source::Fixed { weight_t: source.t()?.contiguous()? },
             base: Tensor::from_slice(scales, shape, device)?.to_dtype(source.dtype())?,
             gamma: Var::zeros(shape, source.dtype(), device)?,
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
@@ -165,11 +166,9 @@ impl LearnedScales {
 
     /// Trains the source weights too (see `Step2Options::weight_lr`).
     pub fn with_trained_weights(mut self) -> Result<Self> {
-        if let Source::Fixed { weight } = &self.source {
-            let w = weight.copy()?;
-            let (rows, cols) = w.dims2()?;
-            let adam = Adam::new((rows, cols), w.dtype(), w.device())?;
-            self.source = Source::Trained { weight: Var::from_tensor(&w)?, adam };
+        if let Source::Fixed { weight_t } = &self.source {
+            let adam = Adam::new(weight_t.dims2()?, weight_t.dtype(), weight_t.device())?;
+            self.source = Source::Trained { weight_t: Var::from_tensor(&weight_t.copy()?)?, adam };
         }
         Ok(self)
     }
@@ -179,31 +178,35 @@ impl LearnedScales {
         Ok(self.base.mul(&(self.gamma.as_tensor() + 1.0)?)?)
     }
 
-    /// `W̃ = ŝ · P·2^E`, with the codes `P·2^E` recomputed from `ŝ` and held constant in the
-    /// backward pass.
+    /// `W̃ᵀ` `[cols, rows]` (the layout `BlockWeights` multiplies by), `W̃ = ŝ · P·2^E`, with
+    /// the codes `P·2^E` recomputed from `ŝ` and held constant in the backward pass.
     /// With trained weights the rounding passes their gradient straight through:
     /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
-    pub fn weight(&self) -> Result<Tensor> {
+    pub fn weight_t(&self) -> Result<Tensor> {
         let s = self.scales()?;
-        // One fused pass in f32; the tensor-op form otherwise.
-        let w = if self.base.dtype() == DType::F32 {
-            crate::fakequant::pot_fake_quant(&self.source_tensor().contiguous()?, &s, self.group_size, self.qmax as u32)?
-        } else {
-            let s = self.spread(&s)?;
-            self.levels(&s.detach())?.broadcast_mul(&s)?.reshape(self.dims)?
+        // One fused pass in f32 (contiguous `W̃ᵀ`); the tensor-op form otherwise.
+        let qmax = self.qmax as u32;
+        let wt = match &self.source {
+            _ if self.base.dtype() != DType::F32 => {
+                let s = self.spread(&s)?;
+                self.levels(&s.detach())?.broadcast_mul(&s)?.reshape(self.dims)?.t()?
+            }
+            Source::Fixed { weight_t } => crate::fakequant::pot_fake_quant_t(weight_t, &s, self.group_size, qmax)?,
+            Source::Trained { weight_t, .. } => crate::fakequant::pot_fake_quant_t(&weight_t.as_tensor().detach(), &s, self.group_size, qmax)?,
         };
         Ok(match &self.source {
-            Source::Fixed { .. } => w,
-            Source::Trained { weight, .. } => (w + (weight.as_tensor() - weight.as_tensor().detach())?)?,
+            Source::Fixed { .. } => wt,
+            Source::Trained { weight_t, .. } => (wt + (weight_t.as_tensor() - weight_t.as_tensor().detach())?)?,
         })
     }
 
-    /// The weights the codes are rounded from, outside the graph.
-    fn source_tensor(&self) -> Tensor {
-        match &self.source {
-            Source::Fixed { weight } => weight.clone(),
-            Source::Trained { weight, .. } => weight.as_tensor().detach(),
-        }
+    /// The weights the codes are rounded from, `[rows, cols]` (a view of trained ones),
+    /// outside the graph.
+    fn source_tensor(&self) -> Result<Tensor> {
+        Ok(match &self.source {
+            Source::Fixed { weight_t } => weight_t.t()?,
+            Source::Trained { weight_t, .. } => weight_t.as_tensor().detach().t()?,
+        })
     }
 
     /// Group scales `[rows, groups]` spread over the weights they scale: `[rows, groups, 1]`
@@ -223,7 +226,7 @@ impl LearnedScales {
     /// `P·2^E`, `E = clamp(round(log2(|W| / s)), 0, q_max)`, for `s` from `spread`, in the shape
     /// of `grouped`.
     fn levels(&self, s: &Tensor) -> Result<Tensor> {
-        let w = self.grouped(&self.source_tensor())?;
+        let w = self.grouped(&self.source_tensor()?.contiguous()?)?;
         let (magnitude, sign) = (w.abs()?, sign_of(&w)?);
         let e = ((magnitude.broadcast_div(s)?.log()? / LN_2)?.round()?).clamp(0.0, self.qmax)?;
         // exp(E·ln 2) is within an ulp of 2^E; rounding makes it the exact integer.
@@ -232,7 +235,7 @@ impl LearnedScales {
 
     fn snapshot(&self) -> Result<Start> {
         let weight = match &self.source {
-            Source::Trained { weight, .. } => Some(weight.as_tensor().copy()?),
+            Source::Trained { weight_t, .. } => Some(weight_t.as_tensor().copy()?),
             Source::Fixed { .. } => None,
         };
         Ok(Start { gamma: self.gamma.as_tensor().copy()?, weight })
@@ -240,19 +243,15 @@ impl LearnedScales {
 
     fn restore(&mut self, start: Start) -> Result<()> {
         self.gamma.set(&start.gamma)?;
-        if let (Source::Trained { weight, .. }, Some(w)) = (&mut self.source, start.weight) {
-            weight.set(&w)?;
+        if let (Source::Trained { weight_t, .. }, Some(w)) = (&mut self.source, start.weight) {
+            weight_t.set(&w)?;
         }
         Ok(())
     }
 
     /// The weights the final codes are rounded from, row-major `[rows, cols]`.
     pub fn source_weights(&self) -> Result<Vec<f32>> {
-        let w = match &self.source {
-            Source::Fixed { weight } => weight.clone(),
-            Source::Trained { weight, .. } => weight.as_tensor().clone(),
-        };
-        Ok(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self.source_tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// The refined scales, row-major `[rows, groups]`.
@@ -266,10 +265,10 @@ impl LearnedScales {
 
     /// One Adam step, with the learning rates times `rate`.
     fn step(&mut self, grads: &candle_core::backprop::GradStore, opts: &Step2Options, rate: f64) -> Result<()> {
-        if let (Source::Trained { weight, adam }, Some(lr)) = (&mut self.source, opts.weight_lr) {
-            if let Some(g) = grads.get(weight.as_tensor()) {
-                let next = (weight.as_tensor() - adam.update(g, lr * rate)?)?;
-                weight.set(&next)?;
+        if let (Source::Trained { weight_t, adam }, Some(lr)) = (&mut self.source, opts.weight_lr) {
+            if let Some(g) = grads.get(weight_t.as_tensor()) {
+                let next = (weight_t.as_tensor() - adam.update(g, lr * rate)?)?;
+                weight_t.set(&next)?;
             }
         }
         let grad = grads.get(self.gamma.as_tensor());
@@ -366,8 +365,8 @@ impl GammaStats {
 
 /// The block with the current quantized weights of `scales` (in `BLOCK_LINEARS` order).
 pub fn quantized_weights(fp: &BlockWeights, scales: &[LearnedScales]) -> Result<BlockWeights> {
-    let weights: Vec<Tensor> = scales.iter().map(|s| s.weight()).collect::<Result<_>>()?;
-    Ok(fp.with_weights(weights.try_into().map_err(|_| anyhow::anyhow!("a block has seven linears"))?))
+    let weights: Vec<Tensor> = scales.iter().map(|s| s.weight_t()).collect::<Result<_>>()?;
+    Ok(fp.with_weights_t(weights.try_into().map_err(|_| anyhow::anyhow!("a block has seven linears"))?))
 }
 
 /// Mean block-output MSE over `inputs` → `targets` with the current scales, no gradient.
@@ -511,7 +510,7 @@ mod tests {
         BlockWeights {
             attn_norm: conv(&w.attn_norm),
             mlp_norm: conv(&w.mlp_norm),
-            weights: w.weights.clone().map(|t| conv(&t)),
+            weights_t: w.weights_t.clone().map(|t| conv(&t)),
             biases: w.biases.clone().map(|b| b.map(|t| conv(&t))),
         }
     }
@@ -525,17 +524,17 @@ mod tests {
         let w = Tensor::from_vec((0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
         let layout = GroupLayout::new(rows, cols, group).unwrap();
         let scales: Vec<f32> = (0..rows * 3).map(|i| 0.004 + 1e-4 * i as f32).collect();
-        let probe = Tensor::from_vec((0..rows * cols).map(|i| ((i * 13 % 7) as f32) - 3.0).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
+        let probe = Tensor::from_vec((0..rows * cols).map(|i| ((i * 13 % 7) as f32) - 3.0).collect::<Vec<_>>(), (cols, rows), &Device::Cpu).unwrap();
         // dtype, and whether the groups may be spread by broadcast.
         let run = |dtype: DType, tiled: bool| {
             let mut ls = LearnedScales::new(&w.to_dtype(dtype).unwrap(), &scales, layout, 3).unwrap().with_trained_weights().unwrap();
             assert!(ls.tiled);
             ls.tiled = tiled;
             ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let wt = ls.weight().unwrap();
+            let wt = ls.weight_t().unwrap();
             let grads = (&wt * &probe.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
             let g: Vec<f64> = grads.get(ls.gamma.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            (wt.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
+            (wt.to_dtype(DType::F64).unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
         };
         let (w_b, g_b) = run(DType::F64, true);
         let (w_i, g_i) = run(DType::F64, false);
@@ -583,9 +582,9 @@ mod tests {
             let weights: Vec<Tensor> = scales
                 .iter()
                 .zip(&frozen)
-                .map(|(s, lv)| s.spread(&s.scales().unwrap()).unwrap().broadcast_mul(lv).unwrap().reshape(s.dims).unwrap())
+                .map(|(s, lv)| s.spread(&s.scales().unwrap()).unwrap().broadcast_mul(lv).unwrap().reshape(s.dims).unwrap().t().unwrap())
                 .collect();
-            let w = fp.with_weights(weights.try_into().unwrap());
+            let w = fp.with_weights_t(weights.try_into().unwrap());
             mse(&graph.forward(&w, &x, None).unwrap(), &target).unwrap().to_scalar::<f64>().unwrap()
         };
         let h = 1e-7;

@@ -120,7 +120,7 @@ pub fn run(a: Step2Args) -> Result<()> {
     let fp = BlockWeights {
         attn_norm: Tensor::ones(a.hidden, DType::F32, &device)?,
         mlp_norm: Tensor::ones(a.hidden, DType::F32, &device)?,
-        weights: weights.try_into().map_err(|_| anyhow::anyhow!("seven linears"))?,
+        weights_t: weights.into_iter().map(|w| w.t()).collect::<candle_core::Result<Vec<_>>>()?.try_into().map_err(|_| anyhow::anyhow!("seven linears"))?,
         biases: Default::default(),
     };
     let inputs: Vec<Tensor> = (0..a.segments).map(|_| Tensor::randn(0f32, 1.0, (1, a.seq_len, a.hidden), &device)).collect::<candle_core::Result<_>>()?;
