@@ -2,16 +2,16 @@
 //!
 //! The inference forward (`potptq_model::llama`) uses ops that candle cannot differentiate: the
 //! fused rms-norm and rope, and a CPU attention kernel. Step 2 needs gradients through the
-//! block, on a GPU as well, so this forward is built from differentiable ops: rms-norm from
-//! mean/sqrt, `rope_slow`, and the fused `causal_softmax` (which has its gradient). It
-//! computes the same function as `Block::forward` (a test checks it).
+//! block, on a GPU as well, so this forward is built from ops that have them: the fused
+//! rms-norm, rope and causal softmax of `ops`, and matrix products. It computes the same
+//! function as `Block::forward` (a test checks it).
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
 
-use crate::softmax::causal_softmax;
+use crate::ops::{rms_norm::rms_norm, rope::rope, softmax::causal_softmax};
 
 /// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
 #[derive(Debug, Clone)]
@@ -104,7 +104,7 @@ impl BlockGraph {
         Ok((x + w.linear("mlp.down_proj", &act)?)?)
     }
 
-    /// Causal attention with grouped KV heads, rotary by `rope_slow`: the query heads of a
+    /// Causal attention with grouped KV heads: the query heads of a
     /// KV group stacked along the query axis, as `potptq_model::attention::grouped_attention`
     /// has them, the softmax fused.
     fn attention(&self, w: &BlockWeights, x: &Tensor) -> Result<Tensor> {
@@ -112,7 +112,7 @@ impl BlockGraph {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
-            Ok(candle_nn::rotary_emb::rope_slow(&y, &self.cos, &self.sin)?)
+            Ok(rope(&y, &self.cos, &self.sin)?)
         };
         let q = heads(w.linear("self_attn.q_proj", x)?, nh)?;
         let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?;
@@ -123,13 +123,6 @@ impl BlockGraph {
         let out = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
-}
-
-/// `x / sqrt(mean(x²) + eps) · weight` over the last axis, from differentiable ops.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let rms = (mean_sq + eps)?.sqrt()?;
-    Ok(x.broadcast_div(&rms)?.broadcast_mul(weight)?)
 }
 
 /// Mean squared error over every element.

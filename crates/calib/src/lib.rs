@@ -6,9 +6,9 @@ pub mod graph;
 pub mod methods;
 #[cfg(feature = "cuda")]
 mod nvrtc;
+pub mod ops;
 pub mod rotate;
 pub mod segments;
-pub mod softmax;
 pub mod state;
 pub mod step2;
 

@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::map_cpu;
+
 /// `softmax(scale · scores)` over the last axis, causally masked (see the module docs);
 /// `scores` `[.., group · queries, keys]` with `queries ≤ keys`, `scale > 0`.
 pub fn causal_softmax(scores: &Tensor, queries: usize, scale: f64) -> Result<Tensor> {
@@ -74,10 +76,6 @@ impl CausalSoftmax {
     }
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> &'a [T] {
-    &v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
-}
-
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
@@ -85,11 +83,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, keys) = rows_keys(self, l)?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(slice(v, l), keys)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.cpu(slice(v, l), keys)),
-            _ => candle_core::bail!("causal_softmax: f32 or f64 scores"),
-        };
+        let out = map_cpu("causal_softmax", (s, l), (s, l), (s, l), |s, _, _| self.cpu(s, keys), |s, _, _| self.cpu(s, keys))?;
         Ok((out, l.shape().clone()))
     }
 
@@ -115,11 +109,7 @@ impl CustomOp2 for CausalSoftmaxGrad {
     fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout, p: &CpuStorage, lp: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, keys) = rows_keys(&self.0, lg)?;
         rows_keys(&self.0, lp)?;
-        let out = match (g, p) {
-            (CpuStorage::F32(g), CpuStorage::F32(p)) => CpuStorage::F32(self.0.cpu_grad(slice(g, lg), slice(p, lp), keys)),
-            (CpuStorage::F64(g), CpuStorage::F64(p)) => CpuStorage::F64(self.0.cpu_grad(slice(g, lg), slice(p, lp), keys)),
-            _ => candle_core::bail!("causal_softmax: f32 or f64 gradients"),
-        };
+        let out = map_cpu("causal_softmax", (g, lg), (p, lp), (p, lp), |g, p, _| self.0.cpu_grad(g, p, keys), |g, p, _| self.0.cpu_grad(g, p, keys))?;
         Ok((out, lg.shape().clone()))
     }
 

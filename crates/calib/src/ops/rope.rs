@@ -1,0 +1,198 @@
+//! Rotary position embedding (the non-interleaved form of Llama checkpoints in Hugging Face
+//! order, `candle_nn::rotary_emb::rope`'s) with its gradient: each pair `(x_j, x_{j + d/2})` of
+//! a head at position `t` is rotated by the angle whose cosine and sine are `cos[t, j]` and
+//! `sin[t, j]`. A rotation's gradient is the rotation back, the same op with `−sin`.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::map_cpu;
+
+/// `x` `[batch, heads, seq, head_dim]` rotated by the tables `cos`, `sin` `[≥ seq, head_dim / 2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { back: false })
+}
+
+/// `back`: rotate by the opposite angles (the gradient).
+#[derive(Clone, Copy)]
+struct Rope {
+    back: bool,
+}
+
+/// `(seq, head_dim)` of operands that fit.
+fn check(lx: &Layout, lc: &Layout, ls: &Layout) -> Result<(usize, usize)> {
+    let dims = lx.shape().dims();
+    let ok = dims.len() == 4 && dims[3] % 2 == 0 && lx.is_contiguous() && lc.is_contiguous() && ls.is_contiguous();
+    let (seq, d) = if ok { (dims[2], dims[3]) } else { (0, 0) };
+    let table_ok = |l: &Layout| matches!(l.shape().dims2(), Ok((rows, half)) if rows >= seq && half * 2 == d);
+    if !ok || !table_ok(lc) || !table_ok(ls) {
+        candle_core::bail!("rope: contiguous [batch, heads, seq, head_dim] and tables [≥ seq, head_dim / 2] (got {:?}, {:?}, {:?})", lx.shape(), lc.shape(), ls.shape());
+    }
+    Ok((seq, d))
+}
+
+impl Rope {
+    fn cpu<T: WithDType>(&self, x: &[T], cos: &[T], sin: &[T], seq: usize, d: usize) -> Vec<T> {
+        let half = d / 2;
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(row, (y, x))| {
+            let t = row % seq;
+            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for j in 0..half {
+                let (c, s) = (c[j].to_f64(), if self.back { -s[j].to_f64() } else { s[j].to_f64() });
+                let (a, b) = (x[j].to_f64(), x[j + half].to_f64());
+                y[j] = T::from_f64(a * c - b * s);
+                y[j + half] = T::from_f64(b * c + a * s);
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (seq, d) = check(l1, l2, l3)?;
+        let out = map_cpu("rope", (s1, l1), (s2, l2), (s3, l3), |x, c, s| self.cpu(x, c, s, seq, d), |x, c, s| self.cpu(x, c, s, seq, d))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (seq, d) = check(l1, l2, l3)?;
+        let x = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let c = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let s = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let out = cuda::launch(s1.device(), self.back, l1.shape().elem_count(), seq, d, &x, &c, &s)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad_res.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { back: !self.back })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+
+    /// One thread per pair `(x_j, x_{j + d/2})`.
+    const SOURCE: &str = r#"
+extern "C" __global__ void rope(const float* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                float* __restrict__ y, unsigned int pairs, unsigned int seq, unsigned int half, float sign) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    const unsigned int row = i / half, j = i - row * half, t = row % seq;
+    const float c = cos[t * half + j], s = sign * sin[t * half + j];
+    const size_t at = (size_t)row * 2 * half + j;
+    const float a = x[at], b = x[at + half];
+    y[at] = a * c - b * s;
+    y[at + half] = b * c + a * s;
+}
+"#;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch(dev: &CudaDevice, back: bool, n: usize, seq: usize, d: usize, x: &CudaView<f32>, cos: &CudaView<f32>, sin: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+        let func = dev.get_or_load_custom_func("rope", "potptq_rope", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let pairs = u32::try_from(n / 2).map_err(|_| candle_core::Error::Msg(format!("rope: {n} elements do not fit the kernel's 32-bit indices")))?;
+        if pairs == 0 {
+            return Ok(out);
+        }
+        let (seq, half, sign) = (seq as u32, (d / 2) as u32, if back { -1f32 } else { 1f32 });
+        let mut b = func.builder();
+        b.arg(x).arg(cos).arg(sin).arg(&out).arg(&pairs).arg(&seq).arg(&half).arg(&sign);
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `x` and `out` hold n elements, the tables seq · d / 2 (`check`).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn tables(seq: usize, half: usize, dtype: DType, device: &Device) -> (Tensor, Tensor) {
+        let angle: Vec<f64> = (0..seq * half).map(|i| (i / half) as f64 * 10000f64.powf(-((i % half) as f64) / half as f64)).collect();
+        let t = |f: fn(f64) -> f64| Tensor::from_vec(angle.iter().map(|&a| f(a)).collect::<Vec<_>>(), (seq, half), device).unwrap().to_dtype(dtype).unwrap();
+        (t(f64::cos), t(f64::sin))
+    }
+
+    fn input(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Tensor::from_vec((0..n).map(|i| ((i * 7919 % 1009) as f64 - 504.0) * 0.01).collect::<Vec<_>>(), shape, device).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// Values equal `rope_slow` (f64) and candle's fused rope (f32); the gradient equals
+    /// `rope_slow`'s.
+    #[test]
+    fn equals_candle_rope() {
+        let shape = (2, 3, 5, 8);
+        let (cos, sin) = tables(7, 4, DType::F64, &Device::Cpu);
+        let x = Var::from_tensor(&input(shape, DType::F64, &Device::Cpu)).unwrap();
+        let probe = x.as_tensor().sin().unwrap().detach();
+        let (c5, s5) = (cos.narrow(0, 0, 5).unwrap(), sin.narrow(0, 0, 5).unwrap());
+        let ours = rope(x.as_tensor(), &cos, &sin).unwrap();
+        let slow = candle_nn::rotary_emb::rope_slow(x.as_tensor(), &c5, &s5).unwrap();
+        let d = (&ours - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-12, "values differ by {d}");
+        let go = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = (go.get(x.as_tensor()).unwrap() - gs.get(x.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-12, "gradients differ by {d}");
+        let (x32, c32, s32) = (x.as_tensor().to_dtype(DType::F32).unwrap(), c5.to_dtype(DType::F32).unwrap(), s5.to_dtype(DType::F32).unwrap());
+        let d = (rope(&x32, &c32, &s32).unwrap() - candle_nn::rotary_emb::rope(&x32, &c32, &s32).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "f32 values differ from candle's rope by {d}");
+    }
+
+    #[test]
+    fn bad_operands_are_errors() {
+        let (cos, sin) = tables(4, 4, DType::F32, &Device::Cpu);
+        for shape in [(1, 1, 5, 8), (1, 1, 4, 6)] {
+            let e = rope(&input(shape, DType::F32, &Device::Cpu), &cos, &sin).unwrap_err().to_string();
+            assert!(e.contains("rope: contiguous"), "{shape:?}: {e}");
+        }
+        let e = rope(&input((1, 1, 4, 8), DType::F16, &Device::Cpu), &cos.to_dtype(DType::F16).unwrap(), &sin.to_dtype(DType::F16).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("f32 or f64"), "{e}");
+    }
+
+    /// On a GPU (when there is one) the kernel gives the CPU's values and gradients.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_equals_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: the GPU kernel is not tested");
+            return;
+        };
+        let run = |d: &Device| {
+            let (cos, sin) = tables(40, 32, DType::F32, d);
+            let x = Var::from_tensor(&input((2, 3, 33, 64), DType::F32, d)).unwrap();
+            let y = rope(x.as_tensor(), &cos, &sin).unwrap();
+            let g = (&y * x.as_tensor().cos().unwrap().detach()).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g)
+        };
+        let ((yc, gc), (yg, gg)) = (run(&Device::Cpu), run(&gpu));
+        for (a, b) in yc.iter().zip(&yg).chain(gc.iter().zip(&gg)) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
