@@ -189,9 +189,7 @@ extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* 
 
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
 
-    fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<candle_core::cuda_backend::CudaFunc> {
-        dev.get_or_load_custom_func(name, "potptq_fake_quant", crate::nvrtc::ptx(&PTX, SOURCE)?)
-    }
+    const MODULE: &str = "potptq_fake_quant";
 
     fn u32s(dims: (usize, usize, usize), group: usize) -> candle_core::Result<[u32; 4]> {
         let fit = |v: usize| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("pot_fake_quant: {dims:?} does not fit the kernel's 32-bit indices")));
@@ -207,7 +205,7 @@ extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* 
             return Ok(out);
         }
         let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
-        let f = func(dev, "pot_fake_quant_t")?;
+        let f = dev.get_or_load_custom_func("pot_fake_quant_t", MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
         let mut b = f.builder();
         b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
         let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -224,7 +222,7 @@ extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* 
         if rows * groups == 0 {
             return Ok(out);
         }
-        let f = func(dev, "scale_grad")?;
+        let f = dev.get_or_load_custom_func("scale_grad", MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
         let mut b = f.builder();
         b.arg(g).arg(wt).arg(s).arg(&out).arg(&r).arg(&c).arg(&gr).arg(&gs);
         let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), gr, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
