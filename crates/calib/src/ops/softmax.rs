@@ -145,7 +145,7 @@ __device__ float block_reduce(float v, bool is_max) {
     __syncthreads();
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    v = lane < warps ? partial[lane] : (is_max ? -INFINITY : 0.f);
+    v = lane < warps ? partial[lane] : (is_max ? __int_as_float(0xff800000) : 0.f);
     for (int o = 16; o > 0; o >>= 1) {
         const float u = __shfl_xor_sync(0xffffffffu, v, o);
         v = is_max ? fmaxf(v, u) : v + u;
@@ -159,7 +159,7 @@ extern "C" __global__ void causal_softmax(const float* __restrict__ s, const flo
     const unsigned int visible = keys - queries + (unsigned int)(row % queries) + 1;
     const float* x = s + row * keys;
     float* y = p + row * keys;
-    float m = -INFINITY;
+    float m = __int_as_float(0xff800000);  // −∞
     for (unsigned int c = threadIdx.x; c < visible; c += blockDim.x) m = fmaxf(m, x[c]);
     m = block_reduce(m, true);
     float sum = 0.f;
