@@ -3,7 +3,7 @@
 //! The inference forward (`potptq_model::llama`) uses ops that candle cannot differentiate: the
 //! fused rms-norm and rope, and a CPU attention kernel. Step 2 needs gradients through the
 //! block, on a GPU as well, so this forward is built from ops that have them: the fused
-//! rms-norm, rope and causal softmax of `ops`, and matrix products. It computes the same
+//! rms-norm, rope, causal softmax and MLP gate of `ops`, and matrix products. It computes the same
 //! function as `Block::forward` (a test checks it).
 
 use anyhow::{Context, Result};
@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
 
-use crate::ops::{rms_norm::rms_norm, rope::rope, softmax::causal_softmax};
+use crate::ops::{rms_norm::rms_norm, rope::rope, softmax::causal_softmax, swiglu::swiglu};
 
 /// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
 #[derive(Debug, Clone)]
@@ -48,11 +48,17 @@ impl BlockWeights {
         Self { weights_t, ..self.clone() }
     }
 
-    fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+    /// `x · Wᵀ (+ bias)`, the product in `products` when given (inputs rounded to it, sums in
+    /// f32, the output returned in `x`'s dtype).
+    fn linear(&self, products: Option<DType>, name: &str, x: &Tensor) -> Result<Tensor> {
         let i = BLOCK_LINEARS.iter().position(|n| *n == name).context("block linear")?;
         let wt = &self.weights_t[i];
         let (b, t, inp) = x.dims3()?;
-        let y = x.reshape((b * t, inp))?.matmul(wt)?;
+        let x2 = x.reshape((b * t, inp))?;
+        let y = match products {
+            Some(dtype) if dtype != x.dtype() => x2.to_dtype(dtype)?.matmul(&wt.to_dtype(dtype)?)?.to_dtype(x.dtype())?,
+            _ => x2.matmul(wt)?,
+        };
         let y = match &self.biases[i] {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -61,12 +67,14 @@ impl BlockWeights {
     }
 }
 
-/// The constant parts of the block graph for sequences of one length: the rotary tables.
+/// The constant parts of the block graph for sequences of one length: the rotary tables; and
+/// the dtype of the linears' products.
 #[derive(Debug, Clone)]
 pub struct BlockGraph {
     cfg: Config,
     cos: Tensor,
     sin: Tensor,
+    products: Option<DType>,
 }
 
 impl BlockGraph {
@@ -77,7 +85,14 @@ impl BlockGraph {
             cfg: cfg.clone(),
             cos: cos.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
             sin: sin.narrow(0, 0, seq_len)?.to_dtype(dtype)?.to_device(device)?,
+            products: None,
         })
+    }
+
+    /// The same graph with the linears' products in `dtype` (bf16 on a GPU's tensor cores:
+    /// twice TF32's rate), everything else as before.
+    pub fn with_products(&self, dtype: DType) -> Self {
+        Self { products: Some(dtype), ..self.clone() }
     }
 
     /// The block's output for `x` (`[batch, seq, hidden]`), or, with `stop`, the input of that
@@ -92,16 +107,16 @@ impl BlockGraph {
         if stop == Some(Stage::O) {
             return Ok(heads_out);
         }
-        let x = (x + w.linear("self_attn.o_proj", &heads_out)?)?;
+        let x = (x + w.linear(self.products, "self_attn.o_proj", &heads_out)?)?;
         let h = rms_norm(&x, &w.mlp_norm, eps)?;
         if stop == Some(Stage::GateUp) {
             return Ok(h);
         }
-        let act = (w.linear("mlp.gate_proj", &h)?.silu()? * w.linear("mlp.up_proj", &h)?)?;
+        let act = swiglu(&w.linear(self.products, "mlp.gate_proj", &h)?, &w.linear(self.products, "mlp.up_proj", &h)?)?;
         if stop == Some(Stage::Down) {
             return Ok(act);
         }
-        Ok((x + w.linear("mlp.down_proj", &act)?)?)
+        Ok((x + w.linear(self.products, "mlp.down_proj", &act)?)?)
     }
 
     /// Causal attention with grouped KV heads: the query heads of a
@@ -114,9 +129,9 @@ impl BlockGraph {
             let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
             Ok(rope(&y, &self.cos, &self.sin)?)
         };
-        let q = heads(w.linear("self_attn.q_proj", x)?, nh)?;
-        let k = heads(w.linear("self_attn.k_proj", x)?, nkv)?;
-        let v = w.linear("self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = heads(w.linear(self.products, "self_attn.q_proj", x)?, nh)?;
+        let k = heads(w.linear(self.products, "self_attn.k_proj", x)?, nkv)?;
+        let v = w.linear(self.products, "self_attn.v_proj", x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = q.reshape((b, nkv, nh / nkv * t, hd))?;
         let scores = q.matmul(&k.t()?)?;
         let probs = causal_softmax(&scores, t, 1.0 / (hd as f64).sqrt())?;
@@ -125,9 +140,11 @@ impl BlockGraph {
     }
 }
 
-/// Mean squared error over every element.
+/// Mean squared error over every element: sums over rows first, since candle reduces a
+/// whole tensor in one GPU thread block.
 pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a - b)?.sqr()?.mean_all()?)
+    let n = a.elem_count().max(1) as f64;
+    Ok(((a - b)?.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sum_all()? / n)?)
 }
 
 /// Embeds token segments (all of one length) in mini-batches of `batch` segments, on `device`.

@@ -86,13 +86,17 @@ pub struct Step2Options {
     /// Hessians around it) in TF32 on the tensor cores.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
+    /// On a GPU, the linears' products of the training in bf16 (inputs and outputs rounded to
+    /// bf16, sums in f32), attention's in TF32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16: bool,
 }
 
 impl Step2Options {
     /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
     /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
     pub fn paper(bits: u8) -> Self {
-        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false }
+        Self { epochs: if bits <= 2 { 40 } else { 10 }, lr: 1e-3, weight_decay: 0.1, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false, bf16: false }
     }
 
     pub fn check(&self) -> Result<()> {
@@ -398,6 +402,8 @@ pub struct StepProfile {
 pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [LearnedScales], inputs: &[Tensor], targets: &[Tensor], opts: &Step2Options, steps: usize) -> Result<StepProfile> {
     opts.check()?;
     let device = inputs.first().context("no calibration inputs")?.device().clone();
+    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    let graph = &training_graph(graph, opts);
     let mut p = StepProfile::default();
     let lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
         device.synchronize()?;
@@ -420,6 +426,11 @@ pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [Learne
     }
     let n = steps.max(1) as f64;
     Ok(StepProfile { weights_s: p.weights_s / n, forward_s: p.forward_s / n, backward_s: p.backward_s / n, update_s: p.update_s / n })
+}
+
+/// The graph the training runs: `graph`, with the linears' products in bf16 if asked.
+fn training_graph(graph: &BlockGraph, opts: &Step2Options) -> BlockGraph {
+    if opts.bf16 { graph.with_products(DType::BF16) } else { graph.clone() }
 }
 
 /// candle's process-wide TF32 switch for f32 GPU products, set for one block's training and
@@ -451,7 +462,8 @@ pub fn refine_block(
     opts: &Step2Options,
 ) -> Result<RefineReport> {
     opts.check()?;
-    let _tf32 = Tf32Scope::set(opts.tf32);
+    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    let graph = &training_graph(graph, opts);
     let start = Instant::now();
     let loss_before = block_loss(graph, fp, scales, inputs, targets)?;
     let starts: Vec<Start> = if opts.keep_better { scales.iter().map(|s| s.snapshot()).collect::<Result<_>>()? } else { Vec::new() };
@@ -638,7 +650,7 @@ mod tests {
             .collect();
         let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).unwrap()).collect();
         let mut scales = learned(block, cfg, 2, 32, DType::F32);
-        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false };
+        let opts = Step2Options { epochs: 30, lr: 5e-3, weight_decay: 0.0, decay: Decay::L2, input: Step2Input::Quantized, batch: 1, weight_lr: None, schedule: Schedule::Constant, keep_better: false, tf32: false, bf16: false };
         let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts).unwrap();
         assert_eq!(report.epoch_losses.len(), 30);
         assert!(report.loss_after < 0.9 * report.loss_before, "{} → {}", report.loss_before, report.loss_after);

@@ -106,6 +106,10 @@ pub struct Args {
     /// around it and the evaluation stay f32.
     #[arg(long)]
     s2_tf32: bool,
+    /// With `--device cuda`: Step 2's linear products in bf16 (inputs and outputs rounded to
+    /// bf16, f32 sums; twice TF32's rate), attention's in TF32.
+    #[arg(long)]
+    s2_bf16: bool,
     /// Stop after this many blocks of a method (to exercise resuming).
     #[arg(long, hide = true)]
     stop_after_blocks: Option<usize>,
@@ -224,6 +228,8 @@ struct Step2Settings {
     /// Absent from runs made before it existed.
     #[serde(default)]
     tf32: bool,
+    #[serde(default)]
+    bf16: bool,
 }
 
 /// Where a run keeps what it needs to resume: its settings, finished rows, per-block states.
@@ -256,6 +262,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let device = args.device.device()?;
     ensure!(!args.s2_tf32 || args.device == DeviceArg::Cuda, "--s2-tf32 needs --device cuda");
+    ensure!(!args.s2_bf16 || args.device == DeviceArg::Cuda, "--s2-bf16 needs --device cuda");
     let path = model_path(args.model.clone())?;
     let loaded = potptq_model::load(&path)?;
     let fp = &loaded.model;
@@ -294,6 +301,7 @@ pub fn run(args: Args) -> Result<()> {
         keep_better: args.s2_keep_better,
         device: args.device.name().into(),
         tf32: args.s2_tf32,
+        bf16: args.s2_bf16,
     };
     let default_epochs = |bits: u8| match args.protocol {
         Some(Protocol::Paper) => Step2Options::paper(bits).epochs,
@@ -311,6 +319,7 @@ pub fn run(args: Args) -> Result<()> {
         schedule: s2_settings.schedule,
         keep_better: s2_settings.keep_better,
         tf32: s2_settings.tf32,
+        bf16: s2_settings.bf16,
     };
     for &bits in &args.bits {
         step2_for(bits, true).check()?;

@@ -93,6 +93,7 @@ fn refuses_bad_settings() {
     run(&["--methods", "pot-s1-s2", "--s2-lr=-1"], "learning rate must be positive");
     run(&["--methods", "pot-s1-s2", "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
     run(&["--methods", "pot-s1-s2", "--s2-tf32"], "--s2-tf32 needs --device cuda");
+    run(&["--methods", "pot-s1-s2", "--s2-bf16"], "--s2-bf16 needs --device cuda");
     std::fs::create_dir_all(&st.out).unwrap();
     std::fs::write(st.out.join("notes.txt"), b"mine").unwrap();
     run(&["--methods", "rtn-int"], "already exists and is not a potptq run (pass --force to replace it)");
