@@ -14,24 +14,36 @@
 //! whose weight gradient a matrix product then delivers in this same layout. With `W̃` itself,
 //! candle would add the transposed gradient into a `[rows, cols]` buffer with strided reads, a
 //! pass that cost three times a plain one; and trained weights, kept as `Wᵀ`, take their
-//! straight-through gradient as it comes.
+//! straight-through gradient, `∂L/∂Wᵀ = ∂L/∂W̃ᵀ`, as it comes: the op passes it on when `Wᵀ`
+//! carries a gradient.
+//!
+//! `W̃ᵀ` comes in f32, or in bf16 for bf16 products (the backward then reads the bf16
+//! gradient), so that no f32 copy is made and converted.
 
 use std::f64::consts::LN_2;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
-/// `W̃ᵀ` `[cols, rows]` from the transposed weights `Wᵀ` `[cols, rows]` and scales
-/// `[rows, groups]` of `group` columns of `W` (both f32); see the module docs. The gradient
-/// reaches the scales only.
-pub fn pot_fake_quant_t(weights_t: &Tensor, scales: &Tensor, group: usize, qmax: u32) -> Result<Tensor> {
-    weights_t.apply_op2(scales, FakeQuant { group, qmax })
+/// `W̃ᵀ` `[cols, rows]` in `out` (f32 or bf16) from the transposed weights `Wᵀ`
+/// `[cols, rows]` and scales `[rows, groups]` of `group` columns of `W` (both f32); see the
+/// module docs. The gradient reaches the scales, and `Wᵀ` straight through if it carries one.
+pub fn pot_fake_quant_t(weights_t: &Tensor, scales: &Tensor, group: usize, qmax: u32, out: DType) -> Result<Tensor> {
+    if !matches!(out, DType::F32 | DType::BF16) {
+        candle_core::bail!("pot_fake_quant: W̃ in f32 or bf16, not {out:?}");
+    }
+    weights_t.apply_op2(scales, FakeQuant { group, qmax, bf16: out == DType::BF16, weight_grad: weights_t.track_op() })
 }
 
 #[derive(Clone, Copy)]
 struct FakeQuant {
     group: usize,
     qmax: u32,
+    /// `W̃ᵀ` in bf16.
+    bf16: bool,
+    /// Pass the gradient on to `Wᵀ`.
+    weight_grad: bool,
 }
 
 /// `∂L/∂ŝ` from `∂L/∂W̃ᵀ`, `W̃ᵀ` and `ŝ` (an op without a gradient).
@@ -54,6 +66,14 @@ fn check(lw: &Layout, ls: &Layout, group: usize) -> Result<(usize, usize, usize)
         candle_core::bail!("pot_fake_quant: contiguous transposed weights [cols, rows] and scales [rows, cols / {group}] (got {:?} and {:?})", lw.shape(), ls.shape());
     }
     Ok((rows, cols, groups))
+}
+
+/// The contents of a contiguous f32 or bf16 operand, as f32.
+fn widen<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    Ok(match s {
+        CpuStorage::BF16(v) => v[l.start_offset()..l.start_offset() + l.shape().elem_count()].iter().map(|x| x.to_f32()).collect::<Vec<_>>().into(),
+        _ => f32s(s, l)?.into(),
+    })
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -82,7 +102,8 @@ impl CustomOp2 for FakeQuant {
                 }
             });
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let out = if self.bf16 { CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()) } else { CpuStorage::F32(out) };
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -92,11 +113,13 @@ impl CustomOp2 for FakeQuant {
         let w = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
         let s = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         let out = cuda::fake_quant_t(s1.device(), self, (rows, cols, groups), &w, &s)?;
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(&self, _weights: &Tensor, scales: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((None, Some(grad_res.contiguous()?.apply_op3_no_bwd(res, scales, &FakeQuantGrad(*self))?)))
+        let grad = grad_res.contiguous()?;
+        let grad_weights = if self.weight_grad { Some(crate::ops::cast::cast(&grad, DType::F32)?) } else { None };
+        Ok((grad_weights, Some(grad.apply_op3_no_bwd(res, scales, &FakeQuantGrad(*self))?)))
     }
 }
 
@@ -108,7 +131,8 @@ impl CustomOp3 for FakeQuantGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, cols, groups) = check(l1, l3, self.0.group)?;
         check(l2, l3, self.0.group)?;
-        let (g, wt, s) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        // The gradient and `W̃ᵀ` come in the op's output dtype.
+        let (g, wt, s) = (widen(s1, l1)?, widen(s2, l2)?, f32s(s3, l3)?);
         // One task per group: its columns are whole rows of `W̃ᵀ`, read in order.
         let sums: Vec<Vec<f32>> = (0..groups)
             .into_par_iter()
@@ -139,10 +163,14 @@ impl CustomOp3 for FakeQuantGrad {
         use candle_core::backend::BackendStorage;
         let (rows, cols, groups) = check(l1, l3, self.0.group)?;
         check(l2, l3, self.0.group)?;
-        let g = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let wt = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         let s = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
-        let out = cuda::scale_grad(s1.device(), &self.0, (rows, cols, groups), &g, &wt, &s)?;
+        let out = if self.0.bf16 {
+            let (g, wt) = (s1.as_cuda_slice::<bf16>()?.slice(l1.start_offset()..), s2.as_cuda_slice::<bf16>()?.slice(l2.start_offset()..));
+            cuda::scale_grad(s1.device(), "scale_grad_bf16", &self.0, (rows, cols, groups), &g, &wt, &s)?
+        } else {
+            let (g, wt) = (s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..), s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..));
+            cuda::scale_grad(s1.device(), "scale_grad", &self.0, (rows, cols, groups), &g, &wt, &s)?
+        };
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l3.shape().clone()))
     }
 }
@@ -151,18 +179,27 @@ impl CustomOp3 for FakeQuantGrad {
 mod cuda {
     use std::f64::consts::LN_2;
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
 
     use super::FakeQuant;
 
     /// One thread per (row, group) of `W`, 128 rows a block: the thread keeps the group's scale
     /// and walks the group's rows of `Wᵀ` and `W̃ᵀ` (consecutive threads, consecutive
-    /// addresses): `pot_fake_quant_t` writes `W̃ᵀ`, `scale_grad` sums `∂L/∂W̃ᵀ ⊙ W̃ᵀ`.
+    /// addresses): `pot_fake_quant_t` writes `W̃ᵀ`, `scale_grad` sums `∂L/∂W̃ᵀ ⊙ W̃ᵀ`. bf16 is
+    /// handled as its bits (NVRTC has no bf16 header); `W̃` rounds to nearest even.
     const SOURCE: &str = r#"
-extern "C" __global__ void pot_fake_quant_t(const float* __restrict__ wt, const float* __restrict__ s, float* __restrict__ out,
-                                            unsigned int rows, unsigned int cols, unsigned int groups, unsigned int group,
-                                            float qmax, float inv_ln2) {
+__device__ float load(const float* p, size_t i) { return p[i]; }
+__device__ float load(const unsigned short* p, size_t i) { return __uint_as_float((unsigned int)p[i] << 16); }
+__device__ void store(float* p, size_t i, float v) { p[i] = v; }
+__device__ void store(unsigned short* p, size_t i, float v) {
+    const unsigned int b = __float_as_uint(v);
+    p[i] = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
+__device__ void fake_quant(const float* __restrict__ wt, const float* __restrict__ s, T* __restrict__ out, unsigned int rows,
+                           unsigned int cols, unsigned int groups, unsigned int group, float qmax, float inv_ln2) {
     const unsigned int r = blockIdx.x * blockDim.x + threadIdx.x, gi = blockIdx.y;
     if (r >= rows) return;
     const float sg = s[(size_t)r * groups + gi];
@@ -171,20 +208,36 @@ extern "C" __global__ void pot_fake_quant_t(const float* __restrict__ wt, const 
         const float v = wt[(size_t)c * rows + r];
         const float e = fminf(fmaxf(roundf(logf(fabsf(v) / sg) * inv_ln2), 0.f), qmax);
         const float magnitude = (float)(1u << (unsigned int)e);
-        out[(size_t)c * rows + r] = sg * (v >= 0.f ? magnitude : -magnitude);
+        store(out, (size_t)c * rows + r, sg * (v >= 0.f ? magnitude : -magnitude));
     }
 }
 
-extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* __restrict__ wt, const float* __restrict__ s,
-                                      float* __restrict__ out, unsigned int rows, unsigned int cols, unsigned int groups,
-                                      unsigned int group) {
+template <typename T>
+__device__ void scale_grad_of(const T* __restrict__ g, const T* __restrict__ wt, const float* __restrict__ s, float* __restrict__ out,
+                              unsigned int rows, unsigned int cols, unsigned int groups, unsigned int group) {
     const unsigned int r = blockIdx.x * blockDim.x + threadIdx.x, gi = blockIdx.y;
     if (r >= rows) return;
     const unsigned int end = min(cols, (gi + 1) * group);
     float acc = 0.f;
-    for (unsigned int c = gi * group; c < end; ++c) acc += g[(size_t)c * rows + r] * wt[(size_t)c * rows + r];
+    for (unsigned int c = gi * group; c < end; ++c) acc += load(g, (size_t)c * rows + r) * load(wt, (size_t)c * rows + r);
     out[(size_t)r * groups + gi] = acc / s[(size_t)r * groups + gi];
 }
+
+#define FAKE_QUANT(NAME, T) \
+extern "C" __global__ void NAME(const float* __restrict__ wt, const float* __restrict__ s, T* __restrict__ out, unsigned int rows, \
+                                unsigned int cols, unsigned int groups, unsigned int group, float qmax, float inv_ln2) { \
+    fake_quant(wt, s, out, rows, cols, groups, group, qmax, inv_ln2); \
+}
+FAKE_QUANT(pot_fake_quant_t, float)
+FAKE_QUANT(pot_fake_quant_t_bf16, unsigned short)
+
+#define SCALE_GRAD(NAME, T) \
+extern "C" __global__ void NAME(const T* __restrict__ g, const T* __restrict__ wt, const float* __restrict__ s, float* __restrict__ out, \
+                                unsigned int rows, unsigned int cols, unsigned int groups, unsigned int group) { \
+    scale_grad_of(g, wt, s, out, rows, cols, groups, group); \
+}
+SCALE_GRAD(scale_grad, float)
+SCALE_GRAD(scale_grad_bf16, unsigned short)
 "#;
 
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
@@ -196,25 +249,33 @@ extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* 
         Ok([fit(dims.0)?, fit(dims.1)?, fit(dims.2)?, fit(group)?])
     }
 
-    pub fn fake_quant_t(dev: &CudaDevice, op: &FakeQuant, dims: (usize, usize, usize), w: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
-        let (rows, cols, _) = dims;
-        let [r, c, g, gs] = u32s(dims, op.group)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(rows * cols)? };
-        if rows * cols == 0 {
-            return Ok(out);
+    pub fn fake_quant_t(dev: &CudaDevice, op: &FakeQuant, dims: (usize, usize, usize), w: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<candle_core::CudaStorage> {
+        fn run<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, name: &str, op: &FakeQuant, dims: (usize, usize, usize), w: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<T>> {
+            let (rows, cols, _) = dims;
+            let [r, c, g, gs] = u32s(dims, op.group)?;
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<T>(rows * cols)? };
+            if rows * cols == 0 {
+                return Ok(out);
+            }
+            let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
+            let f = dev.get_or_load_custom_func(name, MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+            let mut b = f.builder();
+            b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
+            let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `w` and `out` hold rows · cols weights and `s` rows · groups scales (`check`).
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(out)
         }
-        let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
-        let f = dev.get_or_load_custom_func("pot_fake_quant_t", MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
-        let mut b = f.builder();
-        b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
-        let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: `w` and `out` hold rows · cols weights and `s` rows · groups scales (`check`).
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(out)
+        Ok(if op.bf16 {
+            candle_core::CudaStorage::wrap_cuda_slice(run::<half::bf16>(dev, "pot_fake_quant_t_bf16", op, dims, w, s)?, dev.clone())
+        } else {
+            candle_core::CudaStorage::wrap_cuda_slice(run::<f32>(dev, "pot_fake_quant_t", op, dims, w, s)?, dev.clone())
+        })
     }
 
-    pub fn scale_grad(dev: &CudaDevice, op: &FakeQuant, dims: (usize, usize, usize), g: &CudaView<f32>, wt: &CudaView<f32>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
+    /// `name`: `scale_grad` (f32 `g`, `wt`) or `scale_grad_bf16`.
+    pub fn scale_grad<T: DeviceRepr>(dev: &CudaDevice, name: &str, op: &FakeQuant, dims: (usize, usize, usize), g: &CudaView<T>, wt: &CudaView<T>, s: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
         let (rows, _, groups) = dims;
         let [r, c, gr, gs] = u32s(dims, op.group)?;
         // SAFETY: every element is written by the kernel.
@@ -222,7 +283,7 @@ extern "C" __global__ void scale_grad(const float* __restrict__ g, const float* 
         if rows * groups == 0 {
             return Ok(out);
         }
-        let f = dev.get_or_load_custom_func("scale_grad", MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let f = dev.get_or_load_custom_func(name, MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
         let mut b = f.builder();
         b.arg(g).arg(wt).arg(s).arg(&out).arg(&r).arg(&c).arg(&gr).arg(&gs);
         let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), gr, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -265,7 +326,7 @@ mod tests {
             let s = Var::from_tensor(&Tensor::from_vec((0..rows * groups).map(|i| 3e-4 + 2e-4 * i as f32).collect::<Vec<_>>(), (rows, groups), &Device::Cpu).unwrap()).unwrap();
             let probe = Tensor::from_vec((0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), (cols, rows), &Device::Cpu).unwrap();
             for qmax in [1u32, 3, 7] {
-                let fused = pot_fake_quant_t(&w.t().unwrap().contiguous().unwrap(), s.as_tensor(), group, qmax).unwrap();
+                let fused = pot_fake_quant_t(&w.t().unwrap().contiguous().unwrap(), s.as_tensor(), group, qmax, candle_core::DType::F32).unwrap();
                 let plain = plain(&w, s.as_tensor(), group, qmax);
                 let (a, b): (Vec<f32>, Vec<f32>) = (fused.flatten_all().unwrap().to_vec1().unwrap(), plain.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap());
                 assert_eq!(a, b, "[{rows}, {cols}] g{group} qmax {qmax}");
@@ -300,7 +361,11 @@ mod tests {
                 let wt = Tensor::from_vec(w.clone(), (rows, cols), d).unwrap();
                 let sv = Var::from_tensor(&Tensor::from_vec(s.clone(), (rows, groups), d).unwrap()).unwrap();
                 let wt = wt.t().unwrap().contiguous().unwrap();
-                let out = pot_fake_quant_t(&wt, sv.as_tensor(), group, qmax).unwrap();
+                let out = pot_fake_quant_t(&wt, sv.as_tensor(), group, qmax, candle_core::DType::F32).unwrap();
+                // bf16 output: the f32 output rounded, on the GPU as on the CPU.
+                let b: Vec<half::bf16> = pot_fake_quant_t(&wt, sv.as_tensor(), group, qmax, candle_core::DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let f: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(f.iter().zip(&b).all(|(f, b)| half::bf16::from_f32(*f) == *b));
                 let probe = wt.sin().unwrap();
                 let g = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 let g: Vec<f32> = g.get(sv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -316,21 +381,48 @@ mod tests {
         }
     }
 
+    /// bf16 output is the f32 output rounded to nearest even, its scale gradient the f32 one's
+    /// within bf16 rounding; trained weights get the output's gradient, in f32.
+    #[test]
+    fn bf16_output_and_weight_gradient() {
+        let (rows, cols, group) = (3usize, 96usize, 32usize);
+        let wt = Var::from_tensor(&Tensor::from_vec(weights(rows, cols), (cols, rows), &Device::Cpu).unwrap()).unwrap();
+        let s = Var::from_tensor(&Tensor::from_vec((0..rows * 3).map(|i| 3e-4 + 2e-4 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::from_vec((0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), (cols, rows), &Device::Cpu).unwrap();
+        let run = |dtype: candle_core::DType| {
+            let out = pot_fake_quant_t(wt.as_tensor(), s.as_tensor(), group, 7, dtype).unwrap();
+            let g = (out.to_dtype(candle_core::DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw: Vec<f32> = g.get(wt.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let gs: Vec<f32> = g.get(s.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            (out, gs, gw)
+        };
+        let (f, gs_f, gw_f) = run(candle_core::DType::F32);
+        let (b, gs_b, gw_b) = run(candle_core::DType::BF16);
+        assert_eq!(b.dtype(), candle_core::DType::BF16);
+        let (f, b): (Vec<f32>, Vec<half::bf16>) = (f.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(f.iter().zip(&b).all(|(f, b)| half::bf16::from_f32(*f) == *b));
+        assert_eq!(gw_f, probe.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(gw_b, gw_f);
+        for (x, y) in gs_f.iter().zip(&gs_b) {
+            assert!((x - y).abs() <= 1e-2 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
     #[test]
     fn bad_shapes_are_errors() {
         // `Wᵀ` of 2 rows × 12 columns.
         let wt = Tensor::zeros((12, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err = |s: Tensor, group: usize| pot_fake_quant_t(&wt, &s, group, 3).unwrap_err().to_string();
+        let err = |s: Tensor, group: usize| pot_fake_quant_t(&wt, &s, group, 3, candle_core::DType::F32).unwrap_err().to_string();
         let e = err(Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(), 4);
         assert!(e.contains("scales [rows, cols / 4]"), "12 columns are 3 groups of 4: {e}");
         let e = err(Tensor::ones((2, 3), candle_core::DType::F64, &Device::Cpu).unwrap(), 4);
         assert!(e.contains("f32 weights and scales"), "{e}");
         let e = err(Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0);
         assert!(e.contains("pot_fake_quant"), "{e}");
-        let e = pot_fake_quant_t(&wt.t().unwrap(), &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap_err().to_string();
+        let e = pot_fake_quant_t(&wt.t().unwrap(), &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap_err().to_string();
         assert!(e.contains("contiguous transposed weights"), "a strided view: {e}");
-        assert_eq!(pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[12, 2]);
+        assert_eq!(pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap().dims(), &[12, 2]);
         let empty = Tensor::zeros((12, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(pot_fake_quant_t(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3).unwrap().dims(), &[12, 0]);
+        assert_eq!(pot_fake_quant_t(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap().dims(), &[12, 0]);
     }
 }

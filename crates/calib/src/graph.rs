@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use potptq_model::llama::{Block, Rope, Stage, BLOCK_LINEARS};
 use potptq_model::Config;
 
-use crate::ops::{rms_norm::rms_norm, rope::rope, softmax::causal_softmax, swiglu::swiglu};
+use crate::ops::{cast::cast, rms_norm::rms_norm, rope::rope, softmax::causal_softmax, swiglu::swiglu};
 
 /// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
 #[derive(Debug, Clone)]
@@ -56,7 +56,7 @@ impl BlockWeights {
         let (b, t, inp) = x.dims3()?;
         let x2 = x.reshape((b * t, inp))?;
         let y = match products {
-            Some(dtype) if dtype != x.dtype() => x2.to_dtype(dtype)?.matmul(&wt.to_dtype(dtype)?)?.to_dtype(x.dtype())?,
+            Some(dtype) if dtype != x.dtype() => cast(&cast(&x2, dtype)?.matmul(&cast(wt, dtype)?)?, x.dtype())?,
             _ => x2.matmul(wt)?,
         };
         let y = match &self.biases[i] {
@@ -93,6 +93,11 @@ impl BlockGraph {
     /// twice TF32's rate), everything else as before.
     pub fn with_products(&self, dtype: DType) -> Self {
         Self { products: Some(dtype), ..self.clone() }
+    }
+
+    /// The dtype of the linears' products, if not their operands'.
+    pub fn products(&self) -> Option<DType> {
+        self.products
     }
 
     /// The block's output for `x` (`[batch, seq, hidden]`), or, with `stop`, the input of that

@@ -183,24 +183,29 @@ impl LearnedScales {
     }
 
     /// `W̃ᵀ` `[cols, rows]` (the layout `BlockWeights` multiplies by), `W̃ = ŝ · P·2^E`, with
-    /// the codes `P·2^E` recomputed from `ŝ` and held constant in the backward pass.
-    /// With trained weights the rounding passes their gradient straight through:
-    /// `W̃ = ŝ · P·2^E + (W − sg(W))`.
-    pub fn weight_t(&self) -> Result<Tensor> {
+    /// the codes `P·2^E` recomputed from `ŝ` and held constant in the backward pass, in
+    /// `products`' dtype when given. With trained weights the rounding passes their gradient
+    /// straight through: `W̃ = ŝ · P·2^E + (W − sg(W))`.
+    pub fn weight_t(&self, products: Option<DType>) -> Result<Tensor> {
         let s = self.scales()?;
-        // One fused pass in f32 (contiguous `W̃ᵀ`); the tensor-op form otherwise.
-        let qmax = self.qmax as u32;
+        if self.base.dtype() == DType::F32 {
+            // One fused pass, the straight-through gradient included.
+            let source = match &self.source {
+                Source::Fixed { weight_t } => weight_t,
+                Source::Trained { weight_t, .. } => weight_t.as_tensor(),
+            };
+            return Ok(crate::fakequant::pot_fake_quant_t(source, &s, self.group_size, self.qmax as u32, products.unwrap_or(DType::F32))?);
+        }
+        // The tensor-op form (f64, for gradient checks).
+        let spread = self.spread(&s)?;
+        let wt = self.levels(&spread.detach())?.broadcast_mul(&spread)?.reshape(self.dims)?.t()?;
         let wt = match &self.source {
-            _ if self.base.dtype() != DType::F32 => {
-                let s = self.spread(&s)?;
-                self.levels(&s.detach())?.broadcast_mul(&s)?.reshape(self.dims)?.t()?
-            }
-            Source::Fixed { weight_t } => crate::fakequant::pot_fake_quant_t(weight_t, &s, self.group_size, qmax)?,
-            Source::Trained { weight_t, .. } => crate::fakequant::pot_fake_quant_t(&weight_t.as_tensor().detach(), &s, self.group_size, qmax)?,
-        };
-        Ok(match &self.source {
             Source::Fixed { .. } => wt,
             Source::Trained { weight_t, .. } => (wt + (weight_t.as_tensor() - weight_t.as_tensor().detach())?)?,
+        };
+        Ok(match products {
+            Some(dtype) => wt.to_dtype(dtype)?,
+            None => wt,
         })
     }
 
@@ -367,15 +372,16 @@ impl GammaStats {
     }
 }
 
-/// The block with the current quantized weights of `scales` (in `BLOCK_LINEARS` order).
-pub fn quantized_weights(fp: &BlockWeights, scales: &[LearnedScales]) -> Result<BlockWeights> {
-    let weights: Vec<Tensor> = scales.iter().map(|s| s.weight_t()).collect::<Result<_>>()?;
+/// The block with the current quantized weights of `scales` (in `BLOCK_LINEARS` order), in
+/// the dtype of `graph`'s products.
+pub fn quantized_weights(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales]) -> Result<BlockWeights> {
+    let weights: Vec<Tensor> = scales.iter().map(|s| s.weight_t(graph.products())).collect::<Result<_>>()?;
     Ok(fp.with_weights_t(weights.try_into().map_err(|_| anyhow::anyhow!("a block has seven linears"))?))
 }
 
 /// Mean block-output MSE over `inputs` → `targets` with the current scales, no gradient.
 pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales], inputs: &[Tensor], targets: &[Tensor]) -> Result<f64> {
-    let q = quantized_weights(fp, scales)?;
+    let q = quantized_weights(graph, fp, scales)?;
     // Detached weights: the forward passes record no graph.
     let w = q.with_weights_t(q.weights_t.clone().map(|t| t.detach()));
     let mut sum = Tensor::zeros((), DType::F64, w.attn_norm.device())?;
@@ -383,6 +389,13 @@ pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales
         sum = (sum + mse(&graph.forward(&w, x, None)?, y)?.to_dtype(DType::F64)?)?;
     }
     Ok(sum.to_scalar::<f64>()? / inputs.len().max(1) as f64)
+}
+
+/// `block_loss` as `refine_block` evaluates it: in the training's precision (`opts.tf32`,
+/// `opts.bf16`).
+pub fn training_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales], inputs: &[Tensor], targets: &[Tensor], opts: &Step2Options) -> Result<f64> {
+    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    block_loss(&training_graph(graph, opts), fp, scales, inputs, targets)
 }
 
 /// Seconds per Step 2 step, by phase (device synchronized between phases).
@@ -413,7 +426,7 @@ pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [Learne
     };
     for (x, y) in inputs.iter().zip(targets).cycle().take(steps) {
         let mut t = Instant::now();
-        let w = quantized_weights(fp, scales)?;
+        let w = quantized_weights(graph, fp, scales)?;
         lap(&mut t, &mut p.weights_s)?;
         let loss = mse(&graph.forward(&w, x, None)?, y)?;
         lap(&mut t, &mut p.forward_s)?;
@@ -475,7 +488,7 @@ pub fn refine_block(
         // wait for the device before it queues the next step.
         let mut sum: Option<Tensor> = None;
         for (x, y) in inputs.iter().zip(targets) {
-            let loss = mse(&graph.forward(&quantized_weights(fp, scales)?, x, None)?, y)?;
+            let loss = mse(&graph.forward(&quantized_weights(graph, fp, scales)?, x, None)?, y)?;
             let grads = loss.backward()?;
             let rate = opts.schedule.factor(step, total_steps);
             step += 1;
@@ -540,8 +553,8 @@ mod tests {
     }
 
     /// In the tensor-op form (f64), the broadcast spread (groups tiling the rows) and the index
-    /// spread (ragged groups) give the same weights and the same scale gradients, and they equal
-    /// the fused f32 op's.
+    /// spread (ragged groups) give the same weights and the same scale and weight gradients, and
+    /// they equal the fused f32 op's.
     #[test]
     fn broadcast_and_index_spreads_agree() {
         let (rows, cols, group) = (5, 96, 32);
@@ -555,14 +568,18 @@ mod tests {
             assert!(ls.tiled);
             ls.tiled = tiled;
             ls.gamma.set(&Tensor::from_vec((0..rows * 3).map(|i| 0.01 * i as f32).collect::<Vec<_>>(), (rows, 3), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let wt = ls.weight_t().unwrap();
+            let wt = ls.weight_t(None).unwrap();
             let grads = (&wt * &probe.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-            let g: Vec<f64> = grads.get(ls.gamma.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let mut g: Vec<f64> = grads.get(ls.gamma.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // The trained weights' straight-through gradient after Γ's.
+            let Source::Trained { weight_t, .. } = &ls.source else { unreachable!() };
+            g.extend(grads.get(weight_t.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap());
             (wt.to_dtype(DType::F64).unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
         };
         let (w_b, g_b) = run(DType::F64, true);
         let (w_i, g_i) = run(DType::F64, false);
         let (w_f, g_f) = run(DType::F32, true);
+        assert_eq!(g_b.len(), rows * 3 + rows * cols);
         assert_eq!(w_b, w_i);
         for ((a, b), f) in g_b.iter().zip(&g_i).zip(&g_f) {
             assert!((a - b).abs() <= 1e-9 * a.abs().max(1e-3), "{a} vs {b}");
@@ -594,7 +611,7 @@ mod tests {
             let shifted = (g.ones_like().unwrap() * (0.01 * (i as f64 + 1.0))).unwrap();
             s.gamma.set(&shifted).unwrap();
         }
-        let loss = mse(&graph.forward(&quantized_weights(&fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap();
+        let loss = mse(&graph.forward(&quantized_weights(&graph, &fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap();
         let grads = loss.backward().unwrap();
 
         // The codes at the current Γ, frozen.

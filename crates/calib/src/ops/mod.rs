@@ -1,8 +1,10 @@
 //! The block graph's fused operations, each with its gradient: candle's own fused softmax,
-//! rope and rms-norm have none (and the MLP's gate has no fused form), and composing them from elementwise tensor ops costs a pass
-//! over the activations per op, forward and backward. Each op has a plain CPU version (f32
-//! and f64, which the gradient checks use) and an NVRTC kernel (f32), tested against it.
+//! rope and rms-norm have none, the MLP's gate has no fused form, and composing them from
+//! elementwise tensor ops costs a pass over the activations per op, forward and backward.
+//! Each op has a plain CPU version (f32 and f64, which the gradient checks use; `cast` f32
+//! and bf16) and an NVRTC kernel, tested against it.
 
+pub mod cast;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

@@ -3,9 +3,9 @@
 //! 11008) on random calibration activations (default the paper's 128 segments × 2048 tokens),
 //! on `--device cpu` or `cuda`: seconds per block and the projection for the whole model.
 //!
-//! Timed: the FP block over all segments (one stream pass: the pipeline runs two, FP and
-//! quantized), one full-set loss evaluation (`refine_block` runs two), and `refine_block` for
-//! `--epochs`; an epoch is `(refine − 2·loss)/epochs`. The projection is
+//! Timed: the FP block over all segments in f32 (one stream pass: the pipeline runs two, FP and
+//! quantized), one full-set loss evaluation in the training's precision (`refine_block` runs
+//! two), and `refine_block` for `--epochs`; an epoch is `(refine − 2·loss)/epochs`. The projection is
 //! `blocks × (2·pass + 2·loss + target_epochs·epoch)`; Step 1 and GPTQ are not included.
 
 use std::time::Instant;
@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use potptq_calib::graph::{BlockGraph, BlockWeights};
-use potptq_calib::step2::{block_loss, profile_steps, refine_block, LearnedScales};
+use potptq_calib::step2::{profile_steps, refine_block, training_loss, LearnedScales};
 use potptq_calib::Step2Options;
 use potptq_model::config::Arch;
 use potptq_model::llama::{Rope, BLOCK_LINEARS};
@@ -52,7 +52,7 @@ pub struct Step2Args {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// On cuda: the f32 matrix products in TF32 on the tensor cores.
+    /// On cuda: the training's f32 matrix products in TF32 on the tensor cores.
     #[arg(long)]
     tf32: bool,
     /// On cuda: the linears' products in bf16 (attention's in TF32).
@@ -81,7 +81,6 @@ pub fn run(a: Step2Args) -> Result<()> {
     .device()?;
     ensure!(!a.tf32 || matches!(device, Device::Cuda(_)), "--tf32 needs --device cuda");
     ensure!(!a.bf16 || matches!(device, Device::Cuda(_)), "--bf16 needs --device cuda");
-    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     ensure!(a.hidden % a.heads == 0, "hidden size {} is not a multiple of {} heads", a.hidden, a.heads);
     ensure!(a.segments > 0 && a.epochs > 0, "need segments and epochs");
     let cfg = Config {
@@ -135,15 +134,15 @@ pub fn run(a: Step2Args) -> Result<()> {
     sync(&device)?;
     let pass_s = t.elapsed().as_secs_f64();
 
+    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, tf32: a.tf32, bf16: a.bf16, ..Step2Options::paper(a.bits) };
     // Timed warm: the first evaluation also compiles the quantizer's kernel.
-    block_loss(&graph, &fp, &scales, &inputs[..1], &targets[..1])?;
+    training_loss(&graph, &fp, &scales, &inputs[..1], &targets[..1], &opts)?;
     sync(&device)?;
     let t = Instant::now();
-    let loss0 = block_loss(&graph, &fp, &scales, &inputs, &targets)?;
+    let loss0 = training_loss(&graph, &fp, &scales, &inputs, &targets, &opts)?;
     sync(&device)?;
     let loss_s = t.elapsed().as_secs_f64();
 
-    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, tf32: a.tf32, bf16: a.bf16, ..Step2Options::paper(a.bits) };
     let report = refine_block(&graph, &fp, &mut scales, &inputs, &targets, &opts)?;
     sync(&device)?;
     let profile = if a.profile_steps > 0 { Some(profile_steps(&graph, &fp, &mut scales, &inputs, &targets, &opts, a.profile_steps)?) } else { None };
