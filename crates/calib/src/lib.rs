@@ -1,5 +1,6 @@
 //! Quantizing a whole model: calibration data, the methods, and the block-by-block pipeline.
 
+mod adam;
 pub mod blockwise;
 pub mod fakequant;
 pub mod graph;

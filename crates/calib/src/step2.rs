@@ -11,10 +11,11 @@ use std::f64::consts::LN_2;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use potptq_quant::{pot, GroupLayout};
 use serde::{Deserialize, Serialize};
 
+use crate::adam::Adam;
 use crate::graph::{mse, BlockGraph, BlockWeights};
 
 /// How weight decay on `Γ` enters the update.
@@ -276,8 +277,7 @@ impl LearnedScales {
     fn step(&mut self, grads: &candle_core::backprop::GradStore, opts: &Step2Options, rate: f64) -> Result<()> {
         if let (Source::Trained { weight_t, adam }, Some(lr)) = (&mut self.source, opts.weight_lr) {
             if let Some(g) = grads.get(weight_t.as_tensor()) {
-                let next = (weight_t.as_tensor() - adam.update(g, lr * rate)?)?;
-                weight_t.set(&next)?;
+                adam.apply_in_place(weight_t, g, lr * rate)?;
             }
         }
         let grad = grads.get(self.gamma.as_tensor());
@@ -303,33 +303,6 @@ impl LearnedScales {
 /// `sign(W)`, +1 at zero.
 fn sign_of(w: &Tensor) -> Result<Tensor> {
     Ok(((w.ge(0f64)?.to_dtype(w.dtype())? * 2.0)? - 1.0)?)
-}
-
-/// Adam's moment estimates for one tensor.
-struct Adam {
-    m: Tensor,
-    v: Tensor,
-    t: i32,
-}
-
-impl Adam {
-    const BETA1: f64 = 0.9;
-    const BETA2: f64 = 0.999;
-    const EPS: f64 = 1e-8;
-
-    fn new(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self { m: Tensor::zeros(shape, dtype, device)?, v: Tensor::zeros(shape, dtype, device)?, t: 0 })
-    }
-
-    /// The step to subtract for gradient `g`.
-    fn update(&mut self, g: &Tensor, lr: f64) -> Result<Tensor> {
-        self.t += 1;
-        self.m = ((&self.m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
-        self.v = ((&self.v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
-        let m_hat = (&self.m / (1.0 - Self::BETA1.powi(self.t)))?;
-        let v_hat = (&self.v / (1.0 - Self::BETA2.powi(self.t)))?;
-        Ok(((m_hat / (v_hat.sqrt()? + Self::EPS)?)? * lr)?)
-    }
 }
 
 /// What Step 2 did to one block.

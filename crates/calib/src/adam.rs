@@ -1,0 +1,243 @@
+//! Adam (β₁ 0.9, β₂ 0.999, ε 1e-8) for Step 2's parameters: the moment estimates of one
+//! tensor, and its update either as tensor operations (any dtype: the small `Γ`, the f64
+//! gradient checks) or in place in two fused passes (f32: the trained weights, as large as
+//! the block, where the dozen tensor operations of an update cost more than the backward
+//! pass's products).
+
+use anyhow::Result;
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
+
+pub struct Adam {
+    /// `[2, ..shape]`: the first and second moment estimates `m`, `v`.
+    moments: Tensor,
+    t: i32,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
+impl Adam {
+    pub fn new(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self { moments: Tensor::zeros((2, shape.0, shape.1), dtype, device)?, t: 0 })
+    }
+
+    /// The step to subtract for gradient `g`, as tensor operations.
+    pub fn update(&mut self, g: &Tensor, lr: f64) -> Result<Tensor> {
+        self.t += 1;
+        let m = ((self.moments.get(0)? * BETA1)? + (g * (1.0 - BETA1))?)?;
+        let v = ((self.moments.get(1)? * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+        let m_hat = (&m / (1.0 - BETA1.powi(self.t)))?;
+        let v_hat = (&v / (1.0 - BETA2.powi(self.t)))?;
+        self.moments = Tensor::stack(&[m, v], 0)?;
+        Ok(((m_hat / (v_hat.sqrt()? + EPS)?)? * lr)?)
+    }
+
+    /// `param ← param − step` for gradient `g`, `param` and the moments updated in place (f32,
+    /// contiguous); other dtypes go through `update`.
+    pub fn apply_in_place(&mut self, param: &Var, g: &Tensor, lr: f64) -> Result<()> {
+        if param.dtype() != DType::F32 || !param.is_contiguous() || !self.moments.is_contiguous() {
+            let next = (param.as_tensor() - self.update(g, lr)?)?;
+            param.set(&next)?;
+            return Ok(());
+        }
+        self.t += 1;
+        self.moments.inplace_op2(&g.contiguous()?, &Moments)?;
+        let step = Step { lr: lr / (1.0 - BETA1.powi(self.t)), v_scale: 1.0 / (1.0 - BETA2.powi(self.t)) };
+        param.inplace_op2(&self.moments, &step)?;
+        Ok(())
+    }
+}
+
+/// `[m, v] ← [β₁m + (1 − β₁)g, β₂v + (1 − β₂)g²]`.
+struct Moments;
+
+/// `p ← p − lr · m / (sqrt(v · v_scale) + ε)`, with `lr` and `v_scale` holding the bias
+/// corrections.
+struct Step {
+    lr: f64,
+    v_scale: f64,
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let n = l.shape().elem_count();
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => Ok(&mut v[l.start_offset()..l.start_offset() + n]),
+        _ => candle_core::bail!("adam: a contiguous f32 parameter"),
+    }
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let n = l.shape().elem_count();
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + n]),
+        _ => candle_core::bail!("adam: contiguous f32 operands"),
+    }
+}
+
+/// Elements per CPU task.
+const CHUNK: usize = 1 << 14;
+
+impl InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "adam-moments"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (mv, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        if mv.len() != 2 * g.len() {
+            candle_core::bail!("adam: moments {:?} for a gradient {:?}", l1.shape(), l2.shape());
+        }
+        let (m, v) = mv.split_at_mut(g.len());
+        m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
+            for ((m, v), &g) in m.iter_mut().zip(v).zip(g) {
+                *m = BETA1 as f32 * *m + (1.0 - BETA1) as f32 * g;
+                *v = BETA2 as f32 * *v + (1.0 - BETA2) as f32 * g * g;
+            }
+        });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        let n = l2.shape().elem_count();
+        if l1.shape().elem_count() != 2 * n || !l1.is_contiguous() || !l2.is_contiguous() {
+            candle_core::bail!("adam: moments {:?} for a gradient {:?}", l1.shape(), l2.shape());
+        }
+        let dev = s2.device().clone();
+        let g = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let mut mv = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
+        cuda::launch(&dev, "adam_moments", n, &mut mv, &g, [BETA1 as f32, BETA2 as f32, 0.0])
+    }
+}
+
+impl InplaceOp2 for Step {
+    fn name(&self) -> &'static str {
+        "adam-step"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (p, mv) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        if mv.len() != 2 * p.len() {
+            candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
+        }
+        let (m, v) = mv.split_at(p.len());
+        let (lr, v_scale, eps) = (self.lr as f32, self.v_scale as f32, EPS as f32);
+        p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                *p -= lr * m / ((v * v_scale).sqrt() + eps);
+            }
+        });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != 2 * n || !l1.is_contiguous() || !l2.is_contiguous() {
+            candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
+        }
+        let dev = s2.device().clone();
+        let mv = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
+        cuda::launch(&dev, "adam_step", n, &mut p, &mv, [self.lr as f32, self.v_scale as f32, EPS as f32])
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+
+    /// One thread per element; `mv` holds `m` then `v`.
+    const SOURCE: &str = r#"
+extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __restrict__ g, unsigned int n, float beta1, float beta2, float unused) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float gi = g[i];
+    mv[i] = beta1 * mv[i] + (1.f - beta1) * gi;
+    mv[(size_t)n + i] = beta2 * mv[(size_t)n + i] + (1.f - beta2) * gi * gi;
+}
+
+extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restrict__ mv, unsigned int n, float lr, float v_scale, float eps) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    p[i] -= lr * mv[i] / (sqrtf(mv[(size_t)n + i] * v_scale) + eps);
+}
+"#;
+
+    /// `name` over `n` elements of `dst` (updated in place) with `src` and three constants.
+    pub fn launch(dev: &CudaDevice, name: &str, n: usize, dst: &mut CudaViewMut<f32>, src: &CudaView<f32>, k: [f32; 3]) -> candle_core::Result<()> {
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+        let func = dev.get_or_load_custom_func(name, "potptq_adam", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("adam: {n} elements do not fit the kernel's 32-bit indices")))?;
+        if n32 == 0 {
+            return Ok(());
+        }
+        let mut b = func.builder();
+        b.arg(dst).arg(src).arg(&n32).arg(&k[0]).arg(&k[1]).arg(&k[2]);
+        let cfg = LaunchConfig { grid_dim: (n32.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `dst` and `src` hold the elements the kernel touches (checked by the callers).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(n: usize, seed: usize, device: &Device) -> Tensor {
+        Tensor::from_vec((0..n).map(|i| (((i + seed) * 7919 % 1009) as f32 - 504.0) * 1e-3).collect::<Vec<_>>(), (n / 8, 8), device).unwrap()
+    }
+
+    /// Three in-place steps equal three tensor-op steps.
+    fn in_place_equals_tensor_ops(device: &Device) {
+        let n = 4000;
+        let p0 = tensor(n, 0, device);
+        let (mut a, mut b) = (Adam::new((n / 8, 8), DType::F32, device).unwrap(), Adam::new((n / 8, 8), DType::F32, device).unwrap());
+        let mut plain = p0.clone();
+        let fused = Var::from_tensor(&p0.copy().unwrap()).unwrap();
+        for k in 0..3 {
+            let g = tensor(n, 17 * (k + 1), device);
+            plain = (&plain - a.update(&g, 1e-2).unwrap()).unwrap();
+            b.apply_in_place(&fused, &g, 1e-2).unwrap();
+        }
+        let (x, y): (Vec<f32>, Vec<f32>) = (plain.flatten_all().unwrap().to_vec1().unwrap(), fused.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(x.iter().zip(&p0.flatten_all().unwrap().to_vec1::<f32>().unwrap()).any(|(a, b)| (a - b).abs() > 1e-3));
+        for (x, y) in x.iter().zip(&y) {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn in_place_equals_tensor_ops_on_cpu() {
+        in_place_equals_tensor_ops(&Device::Cpu);
+    }
+
+    /// f64 parameters take the tensor-op update.
+    #[test]
+    fn f64_takes_the_tensor_ops() {
+        let p = Var::from_tensor(&tensor(16, 0, &Device::Cpu).to_dtype(DType::F64).unwrap()).unwrap();
+        let before: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
+        let mut a = Adam::new((2, 8), DType::F64, &Device::Cpu).unwrap();
+        a.apply_in_place(&p, &p.ones_like().unwrap(), 0.5).unwrap();
+        let after: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
+        // The first step moves every parameter by lr against the gradient's sign.
+        for (b, a) in before.iter().zip(&after) {
+            assert!((b - a - 0.5).abs() < 1e-6, "{b} → {a}");
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn in_place_equals_tensor_ops_on_gpu() {
+        match Device::new_cuda(0) {
+            Ok(gpu) => in_place_equals_tensor_ops(&gpu),
+            Err(_) => eprintln!("no CUDA device: the GPU kernels are not tested"),
+        }
+    }
+}
