@@ -497,6 +497,7 @@ pub fn refine_block(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use crate::graph::tests::tiny_model;
     use potptq_model::llama::BLOCK_LINEARS;
     use potptq_quant::{quantize_pot_step1, Grid};
