@@ -235,9 +235,8 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn in_place_equals_tensor_ops_on_gpu() {
-        match Device::new_cuda(0) {
-            Ok(gpu) => in_place_equals_tensor_ops(&gpu),
-            Err(_) => eprintln!("no CUDA device: the GPU kernels are not tested"),
+        if let Some(gpu) = crate::ops::test_gpu() {
+            in_place_equals_tensor_ops(&gpu);
         }
     }
 }

@@ -348,10 +348,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernel is not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         let (rows, cols, group) = (64usize, 1000usize, 128usize);
         let (n, groups) = (rows * cols, cols.div_ceil(group));
         let w: Vec<f32> = (0..n).map(|i| (((i * 2654435761usize) % 100003) as f32 / 100003.0 - 0.5) * 0.1).collect();

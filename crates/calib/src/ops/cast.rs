@@ -152,10 +152,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernels are not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         for n in [4096, 1001] {
             let x = Tensor::from_vec(values(n), n, &Device::Cpu).unwrap();
             let cpu: Vec<bf16> = cast(&x, DType::BF16).unwrap().to_vec1().unwrap();

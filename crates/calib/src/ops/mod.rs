@@ -33,3 +33,13 @@ fn map_cpu(
         _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
     })
 }
+
+/// The GPU the kernels' tests compare against the CPU, if this machine has one (said when not).
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) fn test_gpu() -> Option<candle_core::Device> {
+    let gpu = candle_core::Device::new_cuda(0).ok();
+    if gpu.is_none() {
+        eprintln!("no CUDA device: the GPU kernels are not tested");
+    }
+    gpu
+}

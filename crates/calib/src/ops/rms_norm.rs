@@ -238,10 +238,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernels are not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         let run = |d: &Device| {
             let (x, w) = input(10, 1000, DType::F32, d);
             let x = Var::from_tensor(&x).unwrap();

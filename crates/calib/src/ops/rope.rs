@@ -178,10 +178,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernel is not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         let run = |d: &Device| {
             let (cos, sin) = tables(40, 32, DType::F32, d);
             let x = Var::from_tensor(&input((2, 3, 33, 64), DType::F32, d)).unwrap();

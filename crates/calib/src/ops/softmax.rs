@@ -264,10 +264,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernels are not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         for (shape, queries) in [((2, 3, 300, 300), 300), ((1, 2, 64, 600), 32)] {
             let run = |d: &Device| {
                 let s = Var::from_tensor(&scores(shape, DType::F32, d)).unwrap();

@@ -207,10 +207,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: the GPU kernels are not tested");
-            return;
-        };
+        let Some(gpu) = crate::ops::test_gpu() else { return };
         let run = |d: &Device| {
             let g = Var::from_tensor(&input(3000, 0, d).to_dtype(DType::F32).unwrap()).unwrap();
             let u = Var::from_tensor(&input(3000, 5, d).to_dtype(DType::F32).unwrap()).unwrap();
