@@ -22,7 +22,7 @@ struct Rope {
 /// `(seq, head_dim)` of operands that fit.
 fn check(lx: &Layout, lc: &Layout, ls: &Layout) -> Result<(usize, usize)> {
     let dims = lx.shape().dims();
-    let ok = dims.len() == 4 && dims[3] % 2 == 0 && lx.is_contiguous() && lc.is_contiguous() && ls.is_contiguous();
+    let ok = dims.len() == 4 && dims[3].is_multiple_of(2) && lx.is_contiguous() && lc.is_contiguous() && ls.is_contiguous();
     let (seq, d) = if ok { (dims[2], dims[3]) } else { (0, 0) };
     let table_ok = |l: &Layout| matches!(l.shape().dims2(), Ok((rows, half)) if rows >= seq && half * 2 == d);
     if !ok || !table_ok(lc) || !table_ok(ls) {

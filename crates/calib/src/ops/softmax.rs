@@ -36,8 +36,8 @@ struct CausalSoftmaxGrad(CausalSoftmax);
 fn rows_keys(op: &CausalSoftmax, l: &Layout) -> Result<(usize, usize)> {
     let dims = l.shape().dims();
     let keys = *dims.last().unwrap_or(&0);
-    let ok = dims.len() >= 2 && l.is_contiguous() && op.queries > 0 && op.queries <= keys && dims[dims.len() - 2] % op.queries == 0;
-    if !ok || !(op.scale > 0.0 && op.scale.is_finite()) {
+    let ok = dims.len() >= 2 && l.is_contiguous() && op.queries > 0 && op.queries <= keys && dims[dims.len() - 2].is_multiple_of(op.queries);
+    if !(ok && op.scale > 0.0 && op.scale.is_finite()) {
         candle_core::bail!("causal_softmax: contiguous [.., group · {} queries, keys ≥ queries] scores and a positive scale (got {:?}, scale {})", op.queries, l.shape(), op.scale);
     }
     Ok((l.shape().elem_count() / keys, keys))
