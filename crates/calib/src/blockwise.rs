@@ -21,7 +21,7 @@ use crate::graph::{embed_batches, BlockGraph, BlockWeights};
 use crate::methods::{Init, Method, Variant};
 use crate::rotate::rotate_model;
 use crate::state::RunState;
-use crate::step2::{refine_block, LearnedScales, RefineReport, Step2Input, Step2Options};
+use crate::step2::{refine_block, LearnedScales, RefineReport, Step2Input, Step2Options, Tf32Scope};
 
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
@@ -219,8 +219,9 @@ impl Streams {
         Ok(h)
     }
 
-    /// Moves the activations past block `i`: through the FP block and the quantized one.
-    fn advance(&mut self, model: &Model, fp_block: &Block, quantized_block: &Block) -> Result<()> {
+    /// Moves the activations past block `i`: through the FP block and the quantized one (Step 2's
+    /// passes with its products' precision, `Step2Options::tensor_cores`).
+    fn advance(&mut self, model: &Model, fp_block: &Block, quantized_block: &Block, step2: &Step2Options) -> Result<()> {
         match self {
             Streams::None => {}
             Streams::Inference(xs) => {
@@ -229,6 +230,7 @@ impl Streams {
                 }
             }
             Streams::Graph { graph, fp, quantized, targets } => {
+                let _tf32 = Tf32Scope::set(step2.tensor_cores());
                 let device = fp[0].device().clone();
                 *fp = match targets.take() {
                     Some(t) => t,
@@ -298,7 +300,7 @@ pub fn quantize_model(
         for ((_, q), linear) in quantized.iter().zip(BLOCK_LINEARS) {
             set_weight(&mut block, linear, q)?;
         }
-        streams.advance(&model, &fp.blocks[i], &block)?;
+        streams.advance(&model, &fp.blocks[i], &block, &opts.step2)?;
         model.blocks[i] = block;
         if let (Some(s), false) = (state, resumed) {
             s.save_block(i, &quantized, refine.as_ref())?;
@@ -380,7 +382,10 @@ fn quantize_block(
     };
     let device = fp[0].device().clone();
     let fp_weights = BlockWeights::from_block(fp_block, &device)?;
-    let fp_out = fp_outputs(graph, &fp_weights, fp)?;
+    let fp_out = {
+        let _tf32 = Tf32Scope::set(opts.step2.tensor_cores());
+        fp_outputs(graph, &fp_weights, fp)?
+    };
     // Codes are recomputed from the FP weights, or, after GPTQ, from its updated weights (whose
     // codes the refined scales then keep: a scale moves far less than the √2 it takes to flip one).
     // Trained weights start from what GPTQ rounded (its codes at Γ = 0, and free to move).

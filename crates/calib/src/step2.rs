@@ -83,17 +83,23 @@ pub struct Step2Options {
     /// calibration output worse than the start did.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_better: bool,
-    /// On a GPU, the f32 matrix products of the training (not of the calibration passes or the
-    /// Hessians around it) in TF32 on the tensor cores.
+    /// On a GPU, the f32 matrix products of the training and of the block passes that feed it
+    /// (the FP block's outputs, the quantized block's) in TF32 on the tensor cores; GPTQ's
+    /// Hessians and the second moments stay f32.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
     /// On a GPU, the linears' products of the training in bf16 (inputs and outputs rounded to
-    /// bf16, sums in f32), attention's in TF32.
+    /// bf16, sums in f32), attention's and the block passes' in TF32.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
 }
 
 impl Step2Options {
+    /// Whether Step 2's f32 products (and its passes') run in TF32: with `tf32` or `bf16`.
+    pub fn tensor_cores(&self) -> bool {
+        self.tf32 || self.bf16
+    }
+
     /// The method's defaults: Adam 1e-3, weight decay 0.1 in the loss, quantized inputs, one
     /// segment per step; 10 epochs at 3 and 4 bits, 40 at 2 bits.
     pub fn paper(bits: u8) -> Self {
@@ -367,7 +373,7 @@ pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales
 /// `block_loss` as `refine_block` evaluates it: in the training's precision (`opts.tf32`,
 /// `opts.bf16`).
 pub fn training_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales], inputs: &[Tensor], targets: &[Tensor], opts: &Step2Options) -> Result<f64> {
-    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    let _tf32 = Tf32Scope::set(opts.tensor_cores());
     block_loss(&training_graph(graph, opts), fp, scales, inputs, targets)
 }
 
@@ -388,7 +394,7 @@ pub struct StepProfile {
 pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [LearnedScales], inputs: &[Tensor], targets: &[Tensor], opts: &Step2Options, steps: usize) -> Result<StepProfile> {
     opts.check()?;
     let device = inputs.first().context("no calibration inputs")?.device().clone();
-    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    let _tf32 = Tf32Scope::set(opts.tensor_cores());
     let graph = &training_graph(graph, opts);
     let mut p = StepProfile::default();
     let lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
@@ -419,12 +425,12 @@ fn training_graph(graph: &BlockGraph, opts: &Step2Options) -> BlockGraph {
     if opts.bf16 { graph.with_products(DType::BF16) } else { graph.clone() }
 }
 
-/// candle's process-wide TF32 switch for f32 GPU products, set for one block's training and
-/// put back as it was when the training ends, however it ends.
-struct Tf32Scope(bool);
+/// candle's process-wide TF32 switch for f32 GPU products, set for one block's training (or
+/// its passes) and put back as it was when that ends, however it ends.
+pub struct Tf32Scope(bool);
 
 impl Tf32Scope {
-    fn set(on: bool) -> Self {
+    pub fn set(on: bool) -> Self {
         let before = candle_core::cuda::gemm_reduced_precision_f32();
         candle_core::cuda::set_gemm_reduced_precision_f32(on);
         Self(before)
@@ -448,7 +454,7 @@ pub fn refine_block(
     opts: &Step2Options,
 ) -> Result<RefineReport> {
     opts.check()?;
-    let _tf32 = Tf32Scope::set(opts.tf32 || opts.bf16);
+    let _tf32 = Tf32Scope::set(opts.tensor_cores());
     let graph = &training_graph(graph, opts);
     let start = Instant::now();
     let loss_before = block_loss(graph, fp, scales, inputs, targets)?;

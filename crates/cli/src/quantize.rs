@@ -101,13 +101,13 @@ pub struct Args {
     /// Where Step 2 and the evaluations run: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// With `--device cuda`: Step 2's f32 matrix products on the tensor cores in TF32 (10-bit
-    /// mantissa inputs, f32 accumulation); the calibration passes, Hessians and second moments
-    /// around it and the evaluation stay f32.
+    /// With `--device cuda`: Step 2's f32 matrix products (its training and the block passes
+    /// that feed it) on the tensor cores in TF32 (10-bit mantissa inputs, f32 accumulation);
+    /// GPTQ's Hessians, the second moments and the evaluation stay f32.
     #[arg(long)]
     s2_tf32: bool,
     /// With `--device cuda`: Step 2's linear products in bf16 (inputs and outputs rounded to
-    /// bf16, f32 sums; twice TF32's rate), attention's in TF32.
+    /// bf16, f32 sums; twice TF32's rate), attention's and the block passes' in TF32.
     #[arg(long)]
     s2_bf16: bool,
     /// Stop after this many blocks of a method (to exercise resuming).

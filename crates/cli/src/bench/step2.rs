@@ -3,9 +3,10 @@
 //! 11008) on random calibration activations (default the paper's 128 segments × 2048 tokens),
 //! on `--device cpu` or `cuda`: seconds per block and the projection for the whole model.
 //!
-//! Timed: the FP block over all segments in f32 (one stream pass: the pipeline runs two, FP and
-//! quantized), one full-set loss evaluation in the training's precision (`refine_block` runs
-//! two), and `refine_block` for `--epochs`; an epoch is `(refine − 2·loss)/epochs`. The projection is
+//! Timed, each in the precision the pipeline gives it: the FP block over all segments (one
+//! stream pass: the pipeline runs two, FP and quantized), one full-set loss evaluation
+//! (`refine_block` runs two), and `refine_block` for `--epochs`; an epoch is
+//! `(refine − 2·loss)/epochs`. The projection is
 //! `blocks × (2·pass + 2·loss + target_epochs·epoch)`; Step 1 and GPTQ are not included.
 
 use std::time::Instant;
@@ -13,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use potptq_calib::graph::{BlockGraph, BlockWeights};
-use potptq_calib::step2::{profile_steps, refine_block, training_loss, LearnedScales};
+use potptq_calib::step2::{profile_steps, refine_block, training_loss, LearnedScales, Tf32Scope};
 use potptq_calib::Step2Options;
 use potptq_model::config::Arch;
 use potptq_model::llama::{Rope, BLOCK_LINEARS};
@@ -129,12 +130,15 @@ pub fn run(a: Step2Args) -> Result<()> {
     let inputs: Vec<Tensor> = (0..a.segments).map(|_| Tensor::randn(0f32, 1.0, (1, a.seq_len, a.hidden), &device)).collect::<candle_core::Result<_>>()?;
     sync(&device)?;
 
+    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, tf32: a.tf32, bf16: a.bf16, ..Step2Options::paper(a.bits) };
     let t = Instant::now();
-    let targets: Vec<Tensor> = inputs.iter().map(|x| graph.forward(&fp, x, None).map(|y| y.detach())).collect::<Result<_>>()?;
+    let targets: Vec<Tensor> = {
+        let _tf32 = Tf32Scope::set(opts.tensor_cores());
+        inputs.iter().map(|x| graph.forward(&fp, x, None).map(|y| y.detach())).collect::<Result<_>>()?
+    };
     sync(&device)?;
     let pass_s = t.elapsed().as_secs_f64();
 
-    let opts = Step2Options { epochs: a.epochs, weight_lr: a.weight_lr, tf32: a.tf32, bf16: a.bf16, ..Step2Options::paper(a.bits) };
     // Timed warm: the first evaluation also compiles the quantizer's kernel.
     training_loss(&graph, &fp, &scales, &inputs[..1], &targets[..1], &opts)?;
     sync(&device)?;
