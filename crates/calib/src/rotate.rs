@@ -87,7 +87,7 @@ pub fn hadamard(n: usize) -> Option<Vec<i8>> {
 }
 
 fn is_prime(p: usize) -> bool {
-    p >= 2 && (2..).take_while(|d| d * d <= p).all(|d| p % d != 0)
+    p >= 2 && (2..).take_while(|d| d * d <= p).all(|d| !p.is_multiple_of(d))
 }
 
 /// Paley's construction I: a Hadamard matrix of order `p + 1` from the quadratic residues mod `p`.

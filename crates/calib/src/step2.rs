@@ -169,7 +169,7 @@ impl LearnedScales {
             group_of_col: Tensor::from_vec(group_of_col, layout.cols, device)?,
             dims: (layout.rows, layout.cols),
             group_size: layout.group_size,
-            tiled: layout.cols % layout.group_size == 0,
+            tiled: layout.cols.is_multiple_of(layout.group_size),
             qmax: pot::qmax(bits) as f64,
             adam: Adam::new(shape, source.dtype(), device)?,
         })

@@ -28,7 +28,7 @@ pub struct AttnShape {
 impl AttnShape {
     fn check(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
         let s = self;
-        ensure!(s.kv_heads > 0 && s.heads % s.kv_heads == 0, "heads must be a multiple of kv heads");
+        ensure!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "heads must be a multiple of kv heads");
         ensure!(s.queries <= s.keys, "more queries than keys");
         ensure!(q.len() == s.batch * s.heads * s.queries * s.head_dim, "query buffer size");
         ensure!(k.len() == s.batch * s.kv_heads * s.keys * s.head_dim, "key buffer size");

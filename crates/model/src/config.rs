@@ -57,14 +57,14 @@ impl Config {
                 bail!("model config: {name} must be positive");
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -208,7 +208,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 pub fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if rows % (2 * heads) != 0 {
+    if !rows.is_multiple_of(2 * heads) {
         bail!("cannot undo the rotary permutation: {rows} rows for {heads} heads");
     }
     let half = rows / heads / 2;

@@ -82,7 +82,7 @@ pub fn run(a: Step2Args) -> Result<()> {
     .device()?;
     ensure!(!a.tf32 || matches!(device, Device::Cuda(_)), "--tf32 needs --device cuda");
     ensure!(!a.bf16 || matches!(device, Device::Cuda(_)), "--bf16 needs --device cuda");
-    ensure!(a.hidden % a.heads == 0, "hidden size {} is not a multiple of {} heads", a.hidden, a.heads);
+    ensure!(a.hidden.is_multiple_of(a.heads), "hidden size {} is not a multiple of {} heads", a.hidden, a.heads);
     ensure!(a.segments > 0 && a.epochs > 0, "need segments and epochs");
     let cfg = Config {
         arch: Arch::Llama,

@@ -464,7 +464,7 @@ pub unsafe fn q8_quantize_block(x: *const f32, q: &mut [i8; BLOCK]) -> f32 {
 
 /// Whether the Q8 kernels cover the matrix: groups of whole 32-blocks, 2 to 4 bits.
 pub fn supports_q8(m: &PackedMatrix) -> bool {
-    supports(m) && m.layout().group_size % BLOCK == 0
+    supports(m) && m.layout().group_size.is_multiple_of(BLOCK)
 }
 
 /// The 32 codes of a chunk, one per byte (see above).

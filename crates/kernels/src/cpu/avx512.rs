@@ -33,7 +33,7 @@ pub fn available() -> bool {
 
 /// Whether these kernels cover the matrix: 2 to 4 bits, groups of whole 32-code chunks.
 pub fn supports(m: &PackedMatrix) -> bool {
-    (2..=4).contains(&m.bits()) && m.layout().group_size % 32 == 0
+    (2..=4).contains(&m.bits()) && m.layout().group_size.is_multiple_of(32)
 }
 
 /// The 16 codes of half `h` of the chunk at `chunk`, code `i` in the low bits of lane `i`.
