@@ -174,13 +174,6 @@ impl Kernels {
         Ok(())
     }
 
-    pub fn matmul(&self, w: &GpuMatrix, x: &CudaSlice<u16>, y: &mut CudaSlice<u16>, tokens: usize) -> Result<()> {
-        ensure!(x.len() >= tokens * w.cols && y.len() >= tokens * w.rows, "activation or output buffer too short");
-        let (xp, _g1) = x.device_ptr(&self.stream);
-        let (yp, _g2) = y.device_ptr(&self.stream);
-        unsafe { self.matmul_raw(w, xp, yp, tokens, Io::F16) }
-    }
-
     /// Copies `src` into `dst` (16-byte elements) with a plain kernel: the device's copy
     /// bandwidth, measured beside the products.
     pub fn copy(&self, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>) -> Result<()> {
