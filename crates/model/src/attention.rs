@@ -107,10 +107,9 @@ pub fn causal_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result
 /// of the keys → `[batch, heads, queries, head_dim]`.
 ///
 /// The query heads that share a KV head are stacked along the query axis, so one batched
-/// product per KV head serves them all without copying keys and values. `mask` is
-/// `causal_mask(heads / kv_heads, queries, keys)` for callers that reuse one; `None` builds
-/// it (none is needed for a single query, which sees every key).
-pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+/// product per KV head serves them all without copying keys and values. The causal mask is
+/// built for more than one query (a single query sees every key).
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, nh, t, d) = q.dims4()?;
     let (_, nkv, n, _) = k.dims4()?;
     ensure!(nkv > 0 && nh % nkv == 0, "{nh} query heads are not a multiple of {nkv} KV heads");
@@ -118,12 +117,8 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
     let group = nh / nkv;
     let q = q.contiguous()?.reshape((b, nkv, group * t, d))?;
     let scores = (q.matmul(&k.contiguous()?.t()?)? / (d as f64).sqrt())?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None if t > 1 => scores.broadcast_add(&causal_mask(group, t, n, scores.dtype(), scores.device())?)?,
-        None => scores,
-    };
-    // candle's fused softmax has no gradient: graphs that train use `potptq_calib::softmax`.
+    let scores = if t > 1 { scores.broadcast_add(&causal_mask(group, t, n, scores.dtype(), scores.device())?)? } else { scores };
+    // candle's fused softmax has no gradient: graphs that train use `potptq_calib::ops::softmax`.
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, d))?)
 }
@@ -209,7 +204,7 @@ mod tests {
             assert!(err < 1e-5, "{s:?}: max error {err}");
 
             let t = |x: Vec<f32>, h: usize, n: usize| Tensor::from_vec(x, (batch, h, n, head_dim), &Device::Cpu).unwrap();
-            let ops = grouped_attention(&t(q, heads, queries), &t(k, kv_heads, keys), &t(v, kv_heads, keys), None).unwrap();
+            let ops = grouped_attention(&t(q, heads, queries), &t(k, kv_heads, keys), &t(v, kv_heads, keys)).unwrap();
             let ops = ops.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let err = ops.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < 1e-5, "{s:?}: tensor-op attention, max error {err}");
@@ -219,9 +214,9 @@ mod tests {
     #[test]
     fn tensor_op_attention_rejects_bad_shapes() {
         let t = |h: usize, n: usize| Tensor::zeros((1, h, n, 8), DType::F32, &Device::Cpu).unwrap();
-        let e = grouped_attention(&t(3, 2), &t(2, 2), &t(2, 2), None).unwrap_err();
+        let e = grouped_attention(&t(3, 2), &t(2, 2), &t(2, 2)).unwrap_err();
         assert!(e.to_string().contains("3 query heads are not a multiple of 2 KV heads"), "{e}");
-        let e = grouped_attention(&t(2, 5), &t(1, 4), &t(1, 4), None).unwrap_err();
+        let e = grouped_attention(&t(2, 5), &t(1, 4), &t(1, 4)).unwrap_err();
         assert!(e.to_string().contains("more queries (5) than keys (4)"), "{e}");
         let e = causal_mask(1, 5, 4, DType::F32, &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("more queries (5) than keys (4)"), "{e}");

@@ -380,7 +380,7 @@ impl Block {
             let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
             Tensor::from_vec(out, (b, nh, t, hd), x.device())?
         } else {
-            grouped_attention(&q, &k, &v, None)?
+            grouped_attention(&q, &k, &v)?
         };
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
