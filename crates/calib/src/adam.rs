@@ -107,7 +107,7 @@ impl InplaceOp2 for Moments {
             candle_core::bail!("adam: moments {:?} for a gradient {:?}", l1.shape(), l2.shape());
         }
         let dev = s2.device().clone();
-        let g = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let g = crate::gpu::view::<f32>(s2, l2)?;
         let mut mv = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
         cuda::launch(&dev, "adam_moments", n, &mut mv, &g, [BETA1 as f32, BETA2 as f32, 0.0])
     }
@@ -141,7 +141,7 @@ impl InplaceOp2 for Step {
             candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
         }
         let dev = s2.device().clone();
-        let mv = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let mv = crate::gpu::view::<f32>(s2, l2)?;
         let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
         cuda::launch(&dev, "adam_step", n, &mut p, &mv, [self.lr as f32, self.v_scale as f32, EPS as f32])
     }
@@ -172,7 +172,7 @@ extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restr
     /// `name` over `n` elements of `dst` (updated in place) with `src` and three constants.
     pub fn launch(dev: &CudaDevice, name: &str, n: usize, dst: &mut CudaViewMut<f32>, src: &CudaView<f32>, k: [f32; 3]) -> candle_core::Result<()> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func(name, "potptq_adam", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func(name, "potptq_adam", crate::gpu::ptx(&PTX, SOURCE)?)?;
         let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("adam: {n} elements do not fit the kernel's 32-bit indices")))?;
         if n32 == 0 {
             return Ok(());

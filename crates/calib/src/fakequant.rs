@@ -110,8 +110,8 @@ impl CustomOp2 for FakeQuant {
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, cols, groups) = check(l1, l2, self.group)?;
-        let w = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let s = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let w = crate::gpu::view::<f32>(s1, l1)?;
+        let s = crate::gpu::view::<f32>(s2, l2)?;
         let out = cuda::fake_quant_t(s1.device(), self, (rows, cols, groups), &w, &s)?;
         Ok((out, l1.shape().clone()))
     }
@@ -163,12 +163,12 @@ impl CustomOp3 for FakeQuantGrad {
         use candle_core::backend::BackendStorage;
         let (rows, cols, groups) = check(l1, l3, self.0.group)?;
         check(l2, l3, self.0.group)?;
-        let s = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let s = crate::gpu::view::<f32>(s3, l3)?;
         let out = if self.0.bf16 {
-            let (g, wt) = (s1.as_cuda_slice::<bf16>()?.slice(l1.start_offset()..), s2.as_cuda_slice::<bf16>()?.slice(l2.start_offset()..));
+            let (g, wt) = (crate::gpu::view::<bf16>(s1, l1)?, crate::gpu::view::<bf16>(s2, l2)?);
             cuda::scale_grad(s1.device(), "scale_grad_bf16", &self.0, (rows, cols, groups), &g, &wt, &s)?
         } else {
-            let (g, wt) = (s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..), s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..));
+            let (g, wt) = (crate::gpu::view::<f32>(s1, l1)?, crate::gpu::view::<f32>(s2, l2)?);
             cuda::scale_grad(s1.device(), "scale_grad", &self.0, (rows, cols, groups), &g, &wt, &s)?
         };
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l3.shape().clone()))
@@ -259,7 +259,7 @@ SCALE_GRAD(scale_grad_bf16, unsigned short)
                 return Ok(out);
             }
             let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
-            let f = dev.get_or_load_custom_func(name, MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+            let f = dev.get_or_load_custom_func(name, MODULE, crate::gpu::ptx(&PTX, SOURCE)?)?;
             let mut b = f.builder();
             b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
             let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -283,7 +283,7 @@ SCALE_GRAD(scale_grad_bf16, unsigned short)
         if rows * groups == 0 {
             return Ok(out);
         }
-        let f = dev.get_or_load_custom_func(name, MODULE, crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let f = dev.get_or_load_custom_func(name, MODULE, crate::gpu::ptx(&PTX, SOURCE)?)?;
         let mut b = f.builder();
         b.arg(g).arg(wt).arg(s).arg(&out).arg(&r).arg(&c).arg(&gr).arg(&gs);
         let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), gr, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };

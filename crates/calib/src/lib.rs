@@ -6,7 +6,7 @@ pub mod fakequant;
 pub mod graph;
 pub mod methods;
 #[cfg(feature = "cuda")]
-mod nvrtc;
+mod gpu;
 pub mod ops;
 pub mod rotate;
 pub mod segments;

@@ -51,8 +51,8 @@ impl CustomOp1 for Cast {
         check(l)?;
         let (dev, n) = (s.device(), l.shape().elem_count());
         let out = match s.dtype() {
-            DType::F32 => candle_core::CudaStorage::wrap_cuda_slice(cuda::launch::<f32, bf16>("f32_to_bf16", dev, n, l.start_offset(), &s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))?, dev.clone()),
-            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(cuda::launch::<bf16, f32>("bf16_to_f32", dev, n, l.start_offset(), &s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..))?, dev.clone()),
+            DType::F32 => candle_core::CudaStorage::wrap_cuda_slice(cuda::launch::<f32, bf16>("f32_to_bf16", dev, n, l.start_offset(), &crate::gpu::view::<f32>(s, l)?)?, dev.clone()),
+            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(cuda::launch::<bf16, f32>("bf16_to_f32", dev, n, l.start_offset(), &crate::gpu::view::<bf16>(s, l)?)?, dev.clone()),
             _ => candle_core::bail!("cast: f32 or bf16 operands"),
         };
         Ok((out, l.shape().clone()))
@@ -102,7 +102,7 @@ extern "C" __global__ void bf16_to_f32(const unsigned short* __restrict__ x, flo
     /// `offset`: where `x` starts in its allocation, in elements.
     pub fn launch<A: DeviceRepr, B: DeviceRepr + ValidAsZeroBits>(name: &str, dev: &CudaDevice, n: usize, offset: usize, x: &CudaView<A>) -> candle_core::Result<CudaSlice<B>> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func(name, "potptq_cast", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func(name, "potptq_cast", crate::gpu::ptx(&PTX, SOURCE)?)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<B>(n)? };
         let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("cast: {n} elements do not fit the kernel's 32-bit indices")))?;

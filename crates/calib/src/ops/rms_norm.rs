@@ -79,8 +79,8 @@ impl CustomOp2 for RmsNorm {
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let n = check(l1, l2, self.eps)?;
-        let x = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let w = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let x = crate::gpu::view::<f32>(s1, l1)?;
+        let w = crate::gpu::view::<f32>(s2, l2)?;
         let out = cuda::launch("rms_norm", s1.device(), self.eps, l1.shape().elem_count(), n, &x, &x, &w)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
     }
@@ -115,9 +115,9 @@ impl CustomOp3 for RmsNormGrad {
         use candle_core::backend::BackendStorage;
         let n = check(l1, l3, self.0.eps)?;
         check(l2, l3, self.0.eps)?;
-        let g = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let x = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let w = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let g = crate::gpu::view::<f32>(s1, l1)?;
+        let x = crate::gpu::view::<f32>(s2, l2)?;
+        let w = crate::gpu::view::<f32>(s3, l3)?;
         let out = cuda::launch("rms_norm_grad", s1.device(), self.0.eps, l1.shape().elem_count(), n, &g, &x, &w)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
     }
@@ -174,7 +174,7 @@ extern "C" __global__ void rms_norm_grad(const float* __restrict__ g, const floa
     #[allow(clippy::too_many_arguments)]
     pub fn launch(name: &str, dev: &CudaDevice, eps: f64, len: usize, n: usize, g: &CudaView<f32>, x: &CudaView<f32>, w: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func(name, "potptq_rms_norm", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func(name, "potptq_rms_norm", crate::gpu::ptx(&PTX, SOURCE)?)?;
         // SAFETY: every element of every row is written by the kernel.
         let out = unsafe { dev.alloc::<f32>(len)? };
         let rows = u32::try_from(len / n).map_err(|_| candle_core::Error::Msg("rms_norm: too many rows".into()))?;

@@ -72,9 +72,9 @@ impl CustomOp3 for Rope {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (seq, d) = check(l1, l2, l3)?;
-        let x = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let c = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let s = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let x = crate::gpu::view::<f32>(s1, l1)?;
+        let c = crate::gpu::view::<f32>(s2, l2)?;
+        let s = crate::gpu::view::<f32>(s3, l3)?;
         let out = cuda::launch(s1.device(), self.back, l1.shape().elem_count(), seq, d, &x, &c, &s)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
     }
@@ -108,7 +108,7 @@ extern "C" __global__ void rope(const float* __restrict__ x, const float* __rest
     #[allow(clippy::too_many_arguments)]
     pub fn launch(dev: &CudaDevice, back: bool, n: usize, seq: usize, d: usize, x: &CudaView<f32>, cos: &CudaView<f32>, sin: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func("rope", "potptq_rope", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func("rope", "potptq_rope", crate::gpu::ptx(&PTX, SOURCE)?)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<f32>(n)? };
         let pairs = u32::try_from(n / 2).map_err(|_| candle_core::Error::Msg(format!("rope: {n} elements do not fit the kernel's 32-bit indices")))?;

@@ -91,7 +91,7 @@ impl CustomOp1 for CausalSoftmax {
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, keys) = rows_keys(self, l)?;
-        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+        let src = crate::gpu::view::<f32>(s, l)?;
         let out = cuda::launch("causal_softmax", s.device(), self, rows, keys, &src, None)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s.device().clone()), l.shape().clone()))
     }
@@ -118,8 +118,8 @@ impl CustomOp2 for CausalSoftmaxGrad {
         use candle_core::backend::BackendStorage;
         let (rows, keys) = rows_keys(&self.0, lg)?;
         rows_keys(&self.0, lp)?;
-        let gs = g.as_cuda_slice::<f32>()?.slice(lg.start_offset()..);
-        let ps = p.as_cuda_slice::<f32>()?.slice(lp.start_offset()..);
+        let gs = crate::gpu::view::<f32>(g, lg)?;
+        let ps = crate::gpu::view::<f32>(p, lp)?;
         let out = cuda::launch("causal_softmax_grad", g.device(), &self.0, rows, keys, &gs, Some(&ps))?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, g.device().clone()), lg.shape().clone()))
     }
@@ -186,7 +186,7 @@ extern "C" __global__ void causal_softmax_grad(const float* __restrict__ g, cons
     /// `a = ∂L/∂P` and `b = P`.
     pub fn launch(name: &str, dev: &CudaDevice, op: &CausalSoftmax, rows: usize, keys: usize, a: &CudaView<f32>, b: Option<&CudaView<f32>>) -> candle_core::Result<CudaSlice<f32>> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func(name, "potptq_causal_softmax", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func(name, "potptq_causal_softmax", crate::gpu::ptx(&PTX, SOURCE)?)?;
         // SAFETY: every element of every row is written by the kernel.
         let out = unsafe { dev.alloc::<f32>(rows * keys)? };
         if rows == 0 {

@@ -72,8 +72,8 @@ impl CustomOp2 for SwiGlu {
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         check(l1, l2)?;
-        let g = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let u = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let g = crate::gpu::view::<f32>(s1, l1)?;
+        let u = crate::gpu::view::<f32>(s2, l2)?;
         let out = cuda::launch("swiglu", s1.device(), l1.shape().elem_count(), &g, &g, &u)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), l1.shape().clone()))
     }
@@ -109,9 +109,9 @@ impl CustomOp3 for SwiGluGrad {
         use candle_core::backend::BackendStorage;
         check(l1, l2)?;
         check(l2, l3)?;
-        let dy = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let g = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let u = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let dy = crate::gpu::view::<f32>(s1, l1)?;
+        let g = crate::gpu::view::<f32>(s2, l2)?;
+        let u = crate::gpu::view::<f32>(s3, l3)?;
         let out = cuda::launch("swiglu_grad", s1.device(), l1.shape().elem_count(), &dy, &g, &u)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, s1.device().clone()), stacked(l1)))
     }
@@ -152,7 +152,7 @@ extern "C" __global__ void swiglu_grad(const float* __restrict__ dy, const float
     /// `name` over `n` elements (the gradient writes `2n`).
     pub fn launch(name: &str, dev: &CudaDevice, n: usize, dy: &CudaView<f32>, g: &CudaView<f32>, u: &CudaView<f32>) -> candle_core::Result<CudaSlice<f32>> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-        let func = dev.get_or_load_custom_func(name, "potptq_swiglu", crate::nvrtc::ptx(&PTX, SOURCE)?)?;
+        let func = dev.get_or_load_custom_func(name, "potptq_swiglu", crate::gpu::ptx(&PTX, SOURCE)?)?;
         let len = if name == "swiglu_grad" { 2 * n } else { n };
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<f32>(len)? };
