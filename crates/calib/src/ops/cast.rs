@@ -111,7 +111,7 @@ extern "C" __global__ void bf16_to_f32(const unsigned short* __restrict__ x, flo
         }
         // candle's allocations are 256-byte aligned: a view is 16-byte aligned when its offset
         // is a multiple of 4 elements.
-        let vec = u32::from(n % 4 == 0 && offset % 4 == 0);
+        let vec = u32::from(n.is_multiple_of(4) && offset.is_multiple_of(4));
         let mut b = func.builder();
         b.arg(x).arg(&out).arg(&n32).arg(&vec);
         let cfg = LaunchConfig { grid_dim: (n32.div_ceil(4 * 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
