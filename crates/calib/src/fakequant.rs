@@ -416,6 +416,8 @@ mod tests {
         assert!(e.contains("f32 weights and scales"), "{e}");
         let e = err(Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0);
         assert!(e.contains("pot_fake_quant"), "{e}");
+        let e = pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F16).unwrap_err().to_string();
+        assert!(e.contains("W̃ in f32 or bf16, not F16"), "{e}");
         let e = pot_fake_quant_t(&wt.t().unwrap(), &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap_err().to_string();
         assert!(e.contains("contiguous transposed weights"), "a strided view: {e}");
         assert_eq!(pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap().dims(), &[12, 2]);
