@@ -36,6 +36,19 @@ pub fn pot_fake_quant_t(weights_t: &Tensor, scales: &Tensor, group: usize, qmax:
     weights_t.apply_op2(scales, FakeQuant { group, qmax, bf16: out == DType::BF16, weight_grad: weights_t.track_op() })
 }
 
+/// `∂L/∂ŝ` `[rows, groups]` from `∂L/∂W̃ᵀ` (`grad`) and the op's output `W̃ᵀ` (f32 or bf16, the
+/// same dtype) for scales `ŝ`, without recording a graph: the scales' side of the op's
+/// backward.
+pub fn pot_fake_quant_t_scale_grad(grad: &Tensor, fake_t: &Tensor, scales: &Tensor, group: usize, qmax: u32) -> Result<Tensor> {
+    let bf16 = match (fake_t.dtype(), grad.dtype()) {
+        (DType::F32, DType::F32) => false,
+        (DType::BF16, DType::BF16) => true,
+        (w, g) => candle_core::bail!("pot_fake_quant: W̃ᵀ and its gradient in f32 or bf16, one dtype (got {w:?} and {g:?})"),
+    };
+    let op = FakeQuant { group, qmax, bf16, weight_grad: false };
+    grad.contiguous()?.apply_op3_no_bwd(&fake_t.contiguous()?, &scales.contiguous()?, &FakeQuantGrad(op))
+}
+
 #[derive(Clone, Copy)]
 struct FakeQuant {
     group: usize,
@@ -119,7 +132,7 @@ impl CustomOp2 for FakeQuant {
     fn bwd(&self, _weights: &Tensor, scales: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad_res.contiguous()?;
         let grad_weights = if self.weight_grad { Some(crate::ops::cast::cast(&grad, DType::F32)?) } else { None };
-        Ok((grad_weights, Some(grad.apply_op3_no_bwd(res, scales, &FakeQuantGrad(*self))?)))
+        Ok((grad_weights, Some(pot_fake_quant_t_scale_grad(&grad, res, scales, self.group, self.qmax)?)))
     }
 }
 

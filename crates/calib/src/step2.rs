@@ -16,7 +16,7 @@ use potptq_quant::{pot, GroupLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::adam::Adam;
-use crate::graph::{mse, BlockGraph, BlockWeights};
+use crate::graph::{mse, mse_with_grad, BlockGraph, BlockWeights};
 
 /// How weight decay on `Γ` enters the update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,19 +279,36 @@ impl LearnedScales {
         Ok(self.gamma.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// One Adam step, with the learning rates times `rate`.
-    fn step(&mut self, grads: &candle_core::backprop::GradStore, opts: &Step2Options, rate: f64) -> Result<()> {
-        if let (Source::Trained { weight_t, adam }, Some(lr)) = (&mut self.source, opts.weight_lr) {
-            if let Some(g) = grads.get(weight_t.as_tensor()) {
-                adam.apply_in_place(weight_t, g, lr * rate)?;
-            }
+    /// `∂L/∂Γ`, and `∂L/∂Wᵀ` of trained weights, from `∂L/∂W̃ᵀ` (`grad`) at `W̃ᵀ` (`fake_t`,
+    /// as `weight_t` made it from the current state).
+    fn gradients(&self, fake_t: &Tensor, grad: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if self.base.dtype() == DType::F32 {
+            let d_scales = crate::fakequant::pot_fake_quant_t_scale_grad(grad, fake_t, &self.scales()?, self.group_size, self.qmax as u32)?;
+            let d_weights = match self.source {
+                Source::Trained { .. } => Some(crate::ops::cast::cast(grad, DType::F32)?),
+                Source::Fixed { .. } => None,
+            };
+            // ŝ = s ⊙ (1 + Γ)
+            return Ok((d_scales.mul(&self.base)?, d_weights));
         }
-        let grad = grads.get(self.gamma.as_tensor());
-        let gamma = self.gamma.as_tensor();
-        let mut g = match grad {
-            Some(g) => g.clone(),
-            None => gamma.zeros_like()?,
+        // The tensor-op form (f64, for gradient checks): differentiate ⟨W̃ᵀ, grad⟩.
+        let grads = self.weight_t(None)?.mul(&grad.detach())?.sum_all()?.backward()?;
+        let d_gamma = grads.get(self.gamma.as_tensor()).context("Γ gets a gradient")?.clone();
+        let d_weights = match &self.source {
+            Source::Trained { weight_t, .. } => Some(grads.get(weight_t.as_tensor()).context("trained weights get a gradient")?.clone()),
+            Source::Fixed { .. } => None,
         };
+        Ok((d_gamma, d_weights))
+    }
+
+    /// One Adam step for `∂L/∂W̃ᵀ` (`grad`) at `W̃ᵀ` (`fake_t`), with the learning rates times
+    /// `rate`.
+    fn step(&mut self, fake_t: &Tensor, grad: &Tensor, opts: &Step2Options, rate: f64) -> Result<()> {
+        let (mut g, d_weights) = self.gradients(fake_t, grad)?;
+        if let (Source::Trained { weight_t, adam }, Some(lr), Some(d)) = (&mut self.source, opts.weight_lr, d_weights) {
+            adam.apply_in_place(weight_t, &d, lr * rate)?;
+        }
+        let gamma = self.gamma.as_tensor();
         if opts.decay == Decay::L2 && opts.weight_decay > 0.0 {
             g = (g + (gamma * opts.weight_decay)?)?;
         }
@@ -360,9 +377,8 @@ pub fn quantized_weights(graph: &BlockGraph, fp: &BlockWeights, scales: &[Learne
 
 /// Mean block-output MSE over `inputs` → `targets` with the current scales, no gradient.
 pub fn block_loss(graph: &BlockGraph, fp: &BlockWeights, scales: &[LearnedScales], inputs: &[Tensor], targets: &[Tensor]) -> Result<f64> {
-    let q = quantized_weights(graph, fp, scales)?;
     // Detached weights: the forward passes record no graph.
-    let w = q.with_weights_t(q.weights_t.clone().map(|t| t.detach()));
+    let w = quantized_weights(graph, fp, scales)?.detached();
     let mut sum = Tensor::zeros((), DType::F64, w.attn_norm.device())?;
     for (x, y) in inputs.iter().zip(targets) {
         sum = (sum + mse(&graph.forward(&w, x, None)?, y)?.to_dtype(DType::F64)?)?;
@@ -396,28 +412,49 @@ pub fn profile_steps(graph: &BlockGraph, fp: &BlockWeights, scales: &mut [Learne
     let device = inputs.first().context("no calibration inputs")?.device().clone();
     let _tf32 = Tf32Scope::set(opts.tensor_cores());
     let graph = &training_graph(graph, opts);
-    let mut p = StepProfile::default();
-    let lap = |t: &mut Instant, acc: &mut f64| -> Result<()> {
-        device.synchronize()?;
-        *acc += t.elapsed().as_secs_f64();
-        *t = Instant::now();
-        Ok(())
-    };
+    let mut seconds = [0f64; 4];
     for (x, y) in inputs.iter().zip(targets).cycle().take(steps) {
         let mut t = Instant::now();
-        let w = quantized_weights(graph, fp, scales)?;
-        lap(&mut t, &mut p.weights_s)?;
-        let loss = mse(&graph.forward(&w, x, None)?, y)?;
-        lap(&mut t, &mut p.forward_s)?;
-        let grads = loss.backward()?;
-        lap(&mut t, &mut p.backward_s)?;
-        for s in scales.iter_mut() {
-            s.step(&grads, opts, 1.0)?;
-        }
-        lap(&mut t, &mut p.update_s)?;
+        train_step(graph, fp, scales, x, y, opts, 1.0, |phase| {
+            device.synchronize()?;
+            seconds[phase] += t.elapsed().as_secs_f64();
+            t = Instant::now();
+            Ok(())
+        })?;
     }
-    let n = steps.max(1) as f64;
-    Ok(StepProfile { weights_s: p.weights_s / n, forward_s: p.forward_s / n, backward_s: p.backward_s / n, update_s: p.update_s / n })
+    let [weights_s, forward_s, backward_s, update_s] = seconds.map(|s| s / steps.max(1) as f64);
+    Ok(StepProfile { weights_s, forward_s, backward_s, update_s })
+}
+
+/// One training step on input `x` and target `y`, the learning rates times `rate`, in the
+/// phases `StepProfile` times (`phase_done(i)` as phase `i` ends): the quantized weights from
+/// the current state; the block's forward and the loss; the backward; Adam on every linear.
+/// Returns the step's loss (before the update), on the device.
+#[allow(clippy::too_many_arguments)]
+fn train_step(
+    graph: &BlockGraph,
+    fp: &BlockWeights,
+    scales: &mut [LearnedScales],
+    x: &Tensor,
+    y: &Tensor,
+    opts: &Step2Options,
+    rate: f64,
+    mut phase_done: impl FnMut(usize) -> Result<()>,
+) -> Result<Tensor> {
+    let w = quantized_weights(graph, fp, scales)?.detached();
+    phase_done(0)?;
+    let (out, tape) = graph.forward_recorded(&w, x)?;
+    let (loss, d_out) = mse_with_grad(&out, y)?;
+    drop(out);
+    phase_done(1)?;
+    let grads = graph.backward(&w, &tape, &d_out)?;
+    drop(tape);
+    phase_done(2)?;
+    for ((s, fake_t), g) in scales.iter_mut().zip(&w.weights_t).zip(&grads) {
+        s.step(fake_t, g, opts, rate)?;
+    }
+    phase_done(3)?;
+    Ok(loss)
 }
 
 /// The graph the training runs: `graph`, with the linears' products in bf16 if asked.
@@ -467,14 +504,9 @@ pub fn refine_block(
         // wait for the device before it queues the next step.
         let mut sum: Option<Tensor> = None;
         for (x, y) in inputs.iter().zip(targets) {
-            let loss = mse(&graph.forward(&quantized_weights(graph, fp, scales)?, x, None)?, y)?;
-            let grads = loss.backward()?;
-            let rate = opts.schedule.factor(step, total_steps);
+            let loss = train_step(graph, fp, scales, x, y, opts, opts.schedule.factor(step, total_steps), |_| Ok(()))?;
             step += 1;
-            for s in scales.iter_mut() {
-                s.step(&grads, opts, rate)?;
-            }
-            let loss = loss.detach().to_dtype(DType::F64)?;
+            let loss = loss.to_dtype(DType::F64)?;
             sum = Some(match sum {
                 Some(s) => (s + loss)?,
                 None => loss,
@@ -571,10 +603,12 @@ mod tests {
         assert!(g_b.iter().any(|g| g.abs() > 1e-4));
     }
 
-    /// The STE gradient is the exact gradient of the loss with the codes frozen: compare it
-    /// with central differences of that function, in f64, for groups of every linear.
+    /// The STE gradient is the exact gradient of the loss with the codes frozen: compare the
+    /// hand-written backward's with candle's autograd through the same graph, and with central
+    /// differences of that function, in f64, for groups of every linear (the tiny qwen2: grouped
+    /// KV heads, q/k/v biases).
     #[test]
-    fn block_gradient_matches_finite_differences() {
+    fn block_gradient_matches_autograd_and_finite_differences() {
         let model = tiny_model();
         let cfg = &model.config;
         let dtype = DType::F64;
@@ -584,15 +618,36 @@ mod tests {
         let ids = Tensor::from_vec((0..14u32).map(|i| (i * 11 + 3) % 100).collect::<Vec<_>>(), (2, 7), &Device::Cpu).unwrap();
         let x = model.embed(&ids).unwrap().to_dtype(dtype).unwrap();
         let target = graph.forward(&fp, &x, None).unwrap();
-        let mut scales = learned(block, cfg, 3, 32, dtype);
+        // Trained weights: their straight-through gradients are checked too.
+        let mut scales: Vec<LearnedScales> = learned(block, cfg, 3, 32, dtype).into_iter().map(|s| s.with_trained_weights().unwrap()).collect();
         // Move Γ away from 0 so that every term of the product rule is exercised.
         for (i, s) in scales.iter_mut().enumerate() {
             let g = s.gamma.as_tensor();
             let shifted = (g.ones_like().unwrap() * (0.01 * (i as f64 + 1.0))).unwrap();
             s.gamma.set(&shifted).unwrap();
         }
-        let loss = mse(&graph.forward(&quantized_weights(&graph, &fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap();
-        let grads = loss.backward().unwrap();
+        let autograd = mse(&graph.forward(&quantized_weights(&graph, &fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap().backward().unwrap();
+        let w = quantized_weights(&graph, &fp, &scales).unwrap().detached();
+        let (out, tape) = graph.forward_recorded(&w, &x).unwrap();
+        let (_, d_out) = mse_with_grad(&out, &target).unwrap();
+        let hand = graph.backward(&w, &tape, &d_out).unwrap();
+        let values = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            assert_eq!(a.len(), b.len());
+            let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{what}: zero gradient");
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-10 * scale, "{what}: hand-written {x} vs autograd {y}");
+            }
+        };
+        let mut gammas = Vec::new();
+        for (li, s) in scales.iter().enumerate() {
+            let (d_gamma, d_weights) = s.gradients(&w.weights_t[li], &hand[li]).unwrap();
+            close(&values(&d_gamma), &values(autograd.get(s.gamma.as_tensor()).unwrap()), &format!("{} Γ", BLOCK_LINEARS[li]));
+            let Source::Trained { weight_t, .. } = &s.source else { unreachable!() };
+            close(&values(&d_weights.unwrap()), &values(autograd.get(weight_t.as_tensor()).unwrap()), &format!("{} Wᵀ", BLOCK_LINEARS[li]));
+            gammas.push(values(&d_gamma));
+        }
 
         // The codes at the current Γ, frozen.
         let frozen: Vec<Tensor> = scales
@@ -611,11 +666,8 @@ mod tests {
         // Central differences err by O(h²) and by rounding, O(ε·L/h): at h = 1e-5 both stay
         // below 1e-7 of the gradient here (at 1e-7, rounding alone reached 1e-5).
         let h = 1e-5;
-        for li in 0..scales.len() {
-            let grad = grads.get(scales[li].gamma.as_tensor()).expect("every Γ gets a gradient");
-            let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(grad.iter().any(|g| g.abs() > 1e-9), "{}: zero gradient", BLOCK_LINEARS[li]);
-            let gamma0: Vec<f64> = scales[li].gamma.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for (li, grad) in gammas.iter().enumerate() {
+            let gamma0: Vec<f64> = values(scales[li].gamma.as_tensor());
             let shape = scales[li].gamma.as_tensor().shape().clone();
             for &k in &[0, gamma0.len() / 2, gamma0.len() - 1] {
                 let at = |delta: f64| {
@@ -627,7 +679,40 @@ mod tests {
                 let numeric = (at(h) - at(-h)) / (2.0 * h);
                 scales[li].gamma.set(&Tensor::from_vec(gamma0.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
                 let err = (numeric - grad[k]).abs();
-                assert!(err <= 1e-6 * numeric.abs().max(1e-6), "{} group {k}: autograd {} vs finite difference {numeric}", BLOCK_LINEARS[li], grad[k]);
+                assert!(err <= 1e-6 * numeric.abs().max(1e-6), "{} group {k}: hand-written {} vs finite difference {numeric}", BLOCK_LINEARS[li], grad[k]);
+            }
+        }
+    }
+
+    /// In f32, and with bf16 products, the fused quantizer's gradients from the hand-written
+    /// backward agree with autograd through the same graph (in bf16, to its rounding: autograd
+    /// sums the gate's and up's input gradients in bf16, the hand-written backward in f32).
+    #[test]
+    fn fused_gradients_match_autograd_in_f32_and_bf16() {
+        let model = tiny_model();
+        let cfg = &model.config;
+        let graph = BlockGraph::new(cfg, &model.rope, 9, DType::F32, &Device::Cpu).unwrap();
+        let block = &model.blocks[0];
+        let fp = BlockWeights::from_block(block, &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec((0..18u32).map(|i| (i * 5 + 1) % 100).collect::<Vec<_>>(), (2, 9), &Device::Cpu).unwrap();
+        let x = model.embed(&ids).unwrap();
+        let target = graph.forward(&fp, &x, None).unwrap();
+        for (graph, tolerance) in [(graph.clone(), 1e-4), (graph.with_products(DType::BF16), 2e-2)] {
+            let scales: Vec<LearnedScales> = learned(block, cfg, 3, 32, DType::F32).into_iter().map(|s| s.with_trained_weights().unwrap()).collect();
+            let autograd = mse(&graph.forward(&quantized_weights(&graph, &fp, &scales).unwrap(), &x, None).unwrap(), &target).unwrap().backward().unwrap();
+            let w = quantized_weights(&graph, &fp, &scales).unwrap().detached();
+            let (out, tape) = graph.forward_recorded(&w, &x).unwrap();
+            let hand = graph.backward(&w, &tape, &mse_with_grad(&out, &target).unwrap().1).unwrap();
+            for (li, s) in scales.iter().enumerate() {
+                assert_eq!(hand[li].dtype(), graph.products().unwrap_or(DType::F32));
+                let (d_gamma, d_weights) = s.gradients(&w.weights_t[li], &hand[li]).unwrap();
+                let Source::Trained { weight_t, .. } = &s.source else { unreachable!() };
+                for (ours, theirs) in [(d_gamma, s.gamma.as_tensor()), (d_weights.unwrap(), weight_t.as_tensor())] {
+                    let theirs = autograd.get(theirs).unwrap();
+                    let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(scale > 0.0 && diff <= tolerance * scale, "{} {:?}: differs by {diff} of {scale}", BLOCK_LINEARS[li], graph.products());
+                }
             }
         }
     }

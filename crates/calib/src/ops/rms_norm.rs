@@ -14,6 +14,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps })
 }
 
+/// `∂L/∂x` of `rms_norm(x, weight, eps)` from `∂L/∂y` (`grad`), without recording a graph.
+pub fn rms_norm_grad(grad: &Tensor, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    grad.contiguous()?.apply_op3_no_bwd(&x.contiguous()?, &weight.contiguous()?, &RmsNormGrad(RmsNorm { eps }))
+}
+
 #[derive(Clone, Copy)]
 struct RmsNorm {
     eps: f64,
@@ -86,7 +91,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_res.contiguous()?.apply_op3_no_bwd(x, w, &RmsNormGrad(*self))?), None))
+        Ok((Some(rms_norm_grad(grad_res, x, w, self.eps)?), None))
     }
 }
 

@@ -13,6 +13,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { back: false })
 }
 
+/// `∂L/∂x` of `rope(x, cos, sin)` from `∂L/∂y` (`grad`): `grad` rotated back, without
+/// recording a graph.
+pub fn rope_grad(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    grad.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope { back: true })
+}
+
 /// `back`: rotate by the opposite angles (the gradient).
 #[derive(Clone, Copy)]
 struct Rope {

@@ -23,6 +23,12 @@ pub fn causal_softmax(scores: &Tensor, queries: usize, scale: f64) -> Result<Ten
     scores.contiguous()?.apply_op1(CausalSoftmax { queries, scale })
 }
 
+/// `∂L/∂scores` of `causal_softmax(scores, queries, scale)` from its output `probs` and
+/// `∂L/∂probs` (`grad`), without recording a graph.
+pub fn causal_softmax_grad(grad: &Tensor, probs: &Tensor, queries: usize, scale: f64) -> Result<Tensor> {
+    grad.contiguous()?.apply_op2_no_bwd(&probs.contiguous()?, &CausalSoftmaxGrad(CausalSoftmax { queries, scale }))
+}
+
 #[derive(Clone, Copy)]
 struct CausalSoftmax {
     queries: usize,
@@ -97,7 +103,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _scores: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op2_no_bwd(res, &CausalSoftmaxGrad(*self))?))
+        Ok(Some(causal_softmax_grad(grad_res, res, self.queries, self.scale)?))
     }
 }
 

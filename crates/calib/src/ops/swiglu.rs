@@ -12,6 +12,13 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `(∂L/∂gate, ∂L/∂up)` of `swiglu(gate, up)` from `∂L/∂y` (`grad`), without recording a
+/// graph.
+pub fn swiglu_grad(grad: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = grad.contiguous()?.apply_op3_no_bwd(&gate.contiguous()?, &up.contiguous()?, &SwiGluGrad)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 struct SwiGlu;
 
 /// `[∂L/∂g, ∂L/∂u]` stacked along a new first axis, from `∂L/∂y`, `g` and `u` (an op
@@ -79,8 +86,8 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = grad_res.contiguous()?.apply_op3_no_bwd(g, u, &SwiGluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = swiglu_grad(grad_res, g, u)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
