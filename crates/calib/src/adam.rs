@@ -34,17 +34,21 @@ impl Adam {
         Ok(((m_hat / (v_hat.sqrt()? + EPS)?)? * lr)?)
     }
 
-    /// `param ← param − step` for gradient `g`, `param` and the moments updated in place (f32,
-    /// contiguous); other dtypes go through `update`.
-    pub fn apply_in_place(&mut self, param: &Var, g: &Tensor, lr: f64) -> Result<()> {
+    /// `param ← max(param − step, floor)` for gradient `g`, `param` and the moments updated in
+    /// place (f32, contiguous); other dtypes go through `update`.
+    pub fn apply_in_place(&mut self, param: &Var, g: &Tensor, lr: f64, floor: Option<f64>) -> Result<()> {
         if param.dtype() != DType::F32 || !param.is_contiguous() || !self.moments.is_contiguous() {
             let next = (param.as_tensor() - self.update(g, lr)?)?;
-            param.set(&next)?;
+            param.set(&match floor {
+                Some(f) => next.maximum(f)?,
+                None => next,
+            })?;
             return Ok(());
         }
         self.t += 1;
         self.moments.inplace_op2(&g.contiguous()?, &Moments)?;
-        let step = Step { lr: lr / (1.0 - BETA1.powi(self.t)), v_scale: 1.0 / (1.0 - BETA2.powi(self.t)) };
+        let floor = floor.map_or(f32::MIN, |f| f as f32);
+        let step = Step { lr: lr / (1.0 - BETA1.powi(self.t)), v_scale: 1.0 / (1.0 - BETA2.powi(self.t)), floor };
         param.inplace_op2(&self.moments, &step)?;
         Ok(())
     }
@@ -53,11 +57,12 @@ impl Adam {
 /// `[m, v] ← [β₁m + (1 − β₁)g, β₂v + (1 − β₂)g²]`.
 struct Moments;
 
-/// `p ← p − lr · m / (sqrt(v · v_scale) + ε)`, with `lr` and `v_scale` holding the bias
-/// corrections.
+/// `p ← max(p − lr · m / (sqrt(v · v_scale) + ε), floor)`, with `lr` and `v_scale` holding the
+/// bias corrections.
 struct Step {
     lr: f64,
     v_scale: f64,
+    floor: f32,
 }
 
 fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
@@ -109,7 +114,7 @@ impl InplaceOp2 for Moments {
         let dev = s2.device().clone();
         let g = crate::gpu::view::<f32>(s2, l2)?;
         let mut mv = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
-        cuda::launch(&dev, "adam_moments", n, &mut mv, &g, [BETA1 as f32, BETA2 as f32, 0.0])
+        cuda::launch(&dev, "adam_moments", n, &mut mv, &g, [BETA1 as f32, BETA2 as f32, 0.0, 0.0])
     }
 }
 
@@ -124,10 +129,10 @@ impl InplaceOp2 for Step {
             candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
         }
         let (m, v) = mv.split_at(p.len());
-        let (lr, v_scale, eps) = (self.lr as f32, self.v_scale as f32, EPS as f32);
+        let (lr, v_scale, eps, floor) = (self.lr as f32, self.v_scale as f32, EPS as f32, self.floor);
         p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
             for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                *p -= lr * m / ((v * v_scale).sqrt() + eps);
+                *p = (*p - lr * m / ((v * v_scale).sqrt() + eps)).max(floor);
             }
         });
         Ok(())
@@ -143,7 +148,7 @@ impl InplaceOp2 for Step {
         let dev = s2.device().clone();
         let mv = crate::gpu::view::<f32>(s2, l2)?;
         let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
-        cuda::launch(&dev, "adam_step", n, &mut p, &mv, [self.lr as f32, self.v_scale as f32, EPS as f32])
+        cuda::launch(&dev, "adam_step", n, &mut p, &mv, [self.lr as f32, self.v_scale as f32, EPS as f32, self.floor])
     }
 }
 
@@ -154,7 +159,7 @@ mod cuda {
 
     /// One thread per element; `mv` holds `m` then `v`.
     const SOURCE: &str = r#"
-extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __restrict__ g, unsigned int n, float beta1, float beta2, float unused) {
+extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __restrict__ g, unsigned int n, float beta1, float beta2, float unused, float unused2) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float gi = g[i];
@@ -162,15 +167,15 @@ extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __r
     mv[(size_t)n + i] = beta2 * mv[(size_t)n + i] + (1.f - beta2) * gi * gi;
 }
 
-extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restrict__ mv, unsigned int n, float lr, float v_scale, float eps) {
+extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restrict__ mv, unsigned int n, float lr, float v_scale, float eps, float floor) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    p[i] -= lr * mv[i] / (sqrtf(mv[(size_t)n + i] * v_scale) + eps);
+    p[i] = fmaxf(p[i] - lr * mv[i] / (sqrtf(mv[(size_t)n + i] * v_scale) + eps), floor);
 }
 "#;
 
-    /// `name` over `n` elements of `dst` (updated in place) with `src` and three constants.
-    pub fn launch(dev: &CudaDevice, name: &str, n: usize, dst: &mut CudaViewMut<f32>, src: &CudaView<f32>, k: [f32; 3]) -> candle_core::Result<()> {
+    /// `name` over `n` elements of `dst` (updated in place) with `src` and four constants.
+    pub fn launch(dev: &CudaDevice, name: &str, n: usize, dst: &mut CudaViewMut<f32>, src: &CudaView<f32>, k: [f32; 4]) -> candle_core::Result<()> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
         let func = dev.get_or_load_custom_func(name, "potptq_adam", crate::gpu::ptx(&PTX, SOURCE)?)?;
         let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("adam: {n} elements do not fit the kernel's 32-bit indices")))?;
@@ -178,7 +183,7 @@ extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restr
             return Ok(());
         }
         let mut b = func.builder();
-        b.arg(dst).arg(src).arg(&n32).arg(&k[0]).arg(&k[1]).arg(&k[2]);
+        b.arg(dst).arg(src).arg(&n32).arg(&k[0]).arg(&k[1]).arg(&k[2]).arg(&k[3]);
         let cfg = LaunchConfig { grid_dim: (n32.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `dst` and `src` hold the elements the kernel touches (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;
@@ -194,8 +199,14 @@ mod tests {
         Tensor::from_vec((0..n).map(|i| (((i + seed) * 7919 % 1009) as f32 - 504.0) * 1e-3).collect::<Vec<_>>(), (n / 8, 8), device).unwrap()
     }
 
-    /// Three in-place steps equal three tensor-op steps.
+    /// Three in-place steps equal three tensor-op steps, with a floor and without.
     fn in_place_equals_tensor_ops(device: &Device) {
+        for floor in [None, Some(-0.3)] {
+            in_place_equals_tensor_ops_with(device, floor);
+        }
+    }
+
+    fn in_place_equals_tensor_ops_with(device: &Device, floor: Option<f64>) {
         let n = 4000;
         let p0 = tensor(n, 0, device);
         let (mut a, mut b) = (Adam::new((n / 8, 8), DType::F32, device).unwrap(), Adam::new((n / 8, 8), DType::F32, device).unwrap());
@@ -203,11 +214,17 @@ mod tests {
         let fused = Var::from_tensor(&p0.copy().unwrap()).unwrap();
         for k in 0..3 {
             let g = tensor(n, 17 * (k + 1), device);
-            plain = (&plain - a.update(&g, 1e-2).unwrap()).unwrap();
-            b.apply_in_place(&fused, &g, 1e-2).unwrap();
+            plain = (&plain - a.update(&g, 0.1).unwrap()).unwrap();
+            if let Some(f) = floor {
+                plain = plain.maximum(f).unwrap();
+            }
+            b.apply_in_place(&fused, &g, 0.1, floor).unwrap();
         }
         let (x, y): (Vec<f32>, Vec<f32>) = (plain.flatten_all().unwrap().to_vec1().unwrap(), fused.flatten_all().unwrap().to_vec1().unwrap());
         assert!(x.iter().zip(&p0.flatten_all().unwrap().to_vec1::<f32>().unwrap()).any(|(a, b)| (a - b).abs() > 1e-3));
+        if let Some(f) = floor {
+            assert!(y.iter().any(|&v| v == f as f32), "the floor holds some parameters");
+        }
         for (x, y) in x.iter().zip(&y) {
             assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
         }
@@ -224,7 +241,7 @@ mod tests {
         let p = Var::from_tensor(&tensor(16, 0, &Device::Cpu).to_dtype(DType::F64).unwrap()).unwrap();
         let before: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
         let mut a = Adam::new((2, 8), DType::F64, &Device::Cpu).unwrap();
-        a.apply_in_place(&p, &p.ones_like().unwrap(), 0.5).unwrap();
+        a.apply_in_place(&p, &p.ones_like().unwrap(), 0.5, None).unwrap();
         let after: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
         // The first step moves every parameter by lr against the gradient's sign.
         for (b, a) in before.iter().zip(&after) {

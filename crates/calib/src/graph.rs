@@ -20,7 +20,7 @@ use potptq_model::Config;
 
 use crate::ops::cast::cast;
 use crate::ops::rms_norm::{rms_norm, rms_norm_grad};
-use crate::ops::rope::{rope, rope_grad};
+use crate::ops::rope::{rope_to_heads, rope_to_heads_grad};
 use crate::ops::softmax::{causal_softmax, causal_softmax_grad};
 use crate::ops::swiglu::{swiglu, swiglu_grad};
 
@@ -186,10 +186,10 @@ impl BlockGraph {
     /// probabilities `[b, kv, group · t, t]` for the backward pass.
     fn attention(&self, w: &BlockWeights, x: &Tensor, (b, t): (usize, usize), dtype: DType) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let heads = |i: usize, n: usize| -> Result<Tensor> { Ok(w.product(i, x, (b, t), dtype)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = rope(&heads(Q, nh)?, &self.cos, &self.sin)?.reshape((b, nkv, nh / nkv * t, hd))?;
-        let k = rope(&heads(K, nkv)?, &self.cos, &self.sin)?;
-        let v = heads(V, nkv)?;
+        let tokens = |i: usize, n: usize| -> Result<Tensor> { Ok(w.product(i, x, (b, t), dtype)?.reshape((b, t, n, hd))?) };
+        let q = rope_to_heads(&tokens(Q, nh)?, &self.cos, &self.sin)?.reshape((b, nkv, nh / nkv * t, hd))?;
+        let k = rope_to_heads(&tokens(K, nkv)?, &self.cos, &self.sin)?;
+        let v = tokens(V, nkv)?.transpose(1, 2)?.contiguous()?;
         let probs = causal_softmax(&q.matmul(&k.t()?)?, t, self.attention_scale())?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         Ok((out.transpose(1, 2)?.reshape((b, t, nh * hd))?, q, k, v, probs))
@@ -235,10 +235,9 @@ impl BlockGraph {
         let d_out = d_heads.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?;
         let d_scores = causal_softmax_grad(&d_out.matmul(&tape.v.t()?)?, &tape.probs, t, self.attention_scale())?;
         let d_v = tape.probs.t()?.matmul(&d_out)?;
-        let d_q = rope_grad(&d_scores.matmul(&tape.k)?.reshape((b, nh, t, hd))?, &self.cos, &self.sin)?;
-        let d_k = rope_grad(&d_scores.t()?.matmul(&tape.q)?, &self.cos, &self.sin)?;
-        let tokens = |d: Tensor, n: usize| -> Result<Tensor> { Ok(d.transpose(1, 2)?.reshape((b, t, n * hd))?) };
-        Ok([tokens(d_q, nh)?, tokens(d_k, nkv)?, tokens(d_v, nkv)?])
+        let d_q = rope_to_heads_grad(&d_scores.matmul(&tape.k)?.reshape((b, nh, t, hd))?, &self.cos, &self.sin)?;
+        let d_k = rope_to_heads_grad(&d_scores.t()?.matmul(&tape.q)?, &self.cos, &self.sin)?;
+        Ok([d_q.reshape((b, t, nh * hd))?, d_k.reshape((b, t, nkv * hd))?, d_v.transpose(1, 2)?.reshape((b, t, nkv * hd))?])
     }
 }
 

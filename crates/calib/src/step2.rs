@@ -306,19 +306,19 @@ impl LearnedScales {
     fn step(&mut self, fake_t: &Tensor, grad: &Tensor, opts: &Step2Options, rate: f64) -> Result<()> {
         let (mut g, d_weights) = self.gradients(fake_t, grad)?;
         if let (Source::Trained { weight_t, adam }, Some(lr), Some(d)) = (&mut self.source, opts.weight_lr, d_weights) {
-            adam.apply_in_place(weight_t, &d, lr * rate)?;
+            adam.apply_in_place(weight_t, &d, lr * rate, None)?;
         }
         let gamma = self.gamma.as_tensor();
         if opts.decay == Decay::L2 && opts.weight_decay > 0.0 {
             g = (g + (gamma * opts.weight_decay)?)?;
         }
         let lr = opts.lr * rate;
-        let mut next = (gamma - self.adam.update(&g, lr)?)?;
         if opts.decay == Decay::Decoupled && opts.weight_decay > 0.0 {
-            next = (next - (gamma * (lr * opts.weight_decay))?)?;
+            // `Γ − lr·λ·Γ` of the Γ before the step: Adam's step does not depend on Γ.
+            self.gamma.set(&(gamma * (1.0 - lr * opts.weight_decay))?)?;
         }
         // A scale may shrink, but never to zero or below (codes need log2(|w| / ŝ)).
-        self.gamma.set(&next.maximum(MIN_GAMMA)?)?;
+        self.adam.apply_in_place(&self.gamma, &g, lr, Some(MIN_GAMMA))?;
         Ok(())
     }
 }
