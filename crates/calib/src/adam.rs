@@ -226,7 +226,8 @@ mod tests {
             assert!(y.iter().any(|&v| v == f as f32), "the floor holds some parameters");
         }
         for (x, y) in x.iter().zip(&y) {
-            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
+            // Steps of 0.1 in f32 (fused multiply-adds on a GPU) round differently by ~1e-7 each.
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
         }
     }
 
