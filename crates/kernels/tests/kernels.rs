@@ -75,14 +75,21 @@ fn packed_kernels_equal_the_reference() {
     }
 }
 
-/// Extreme codes: every weight at the top level, every sign, scales far from 1.
+/// Extreme codes: every weight at the top level, every sign, scales far from 1 (groups of one
+/// 32-block and a half, and of two: the VNNI kernels' pairs).
 #[test]
 fn packed_kernels_at_extreme_codes_and_scales() {
-    let layout = GroupLayout::new(5, 80, 32).unwrap();
+    for (cols, group) in [(80, 32), (192, 64)] {
+        extreme_codes_and_scales(GroupLayout::new(5, cols, group).unwrap());
+    }
+}
+
+fn extreme_codes_and_scales(layout: GroupLayout) {
+    let cols = layout.cols;
     for bits in 2..=4u8 {
         for (i, fill) in [0u8, (1 << bits) - 1, 1 << (bits - 1), (1 << (bits - 1)) - 1].into_iter().enumerate() {
-            let codes = vec![fill; 5 * 80];
-            let words = potptq_quant::pack::pack(&codes, 5, 80, bits);
+            let codes = vec![fill; 5 * cols];
+            let words = potptq_quant::pack::pack(&codes, 5, cols, bits);
             let scales: Vec<f32> = (0..15).map(|g| f16::from_f32(6e-5 * 7f32.powi(g % 6)).to_f32()).collect();
             let m = PackedMatrix::new(Format::Pot, bits, layout, words.clone(), scales.clone(), vec![]).unwrap();
             check(&m, &format!("PoT {bits} bits all codes {fill}"));

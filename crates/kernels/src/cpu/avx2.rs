@@ -55,7 +55,7 @@ unsafe fn chunk_codes8(chunk: *const u8, k: usize, b: usize, shifts: __m256i) ->
 }
 
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -469,7 +469,7 @@ pub fn supports_q8(m: &PackedMatrix) -> bool {
 
 /// The 32 codes of a chunk, one per byte (see above).
 #[inline(always)]
-unsafe fn q8_codes<const B: usize>(chunk: *const u8) -> __m256i {
+pub(super) unsafe fn q8_codes<const B: usize>(chunk: *const u8) -> __m256i {
     match B {
         4 => {
             let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(chunk as *const __m128i));
@@ -532,7 +532,7 @@ unsafe fn table16(t: [i8; 16]) -> __m256i {
 /// `Σ w·q` of one block as 8 i32 partial sums: INT `Σ code·q`; PoT at 2 and 3 bits
 /// `Σ (w + o)·q`, at 4 bits `Σ 2^E·(±q)` (see `dot_q8_rows`).
 #[inline(always)]
-unsafe fn q8_block<const B: usize, const INT: bool>(codes: __m256i, xq: __m256i, t1: __m256i, t2: __m256i) -> __m256i {
+pub(super) unsafe fn q8_block<const B: usize, const INT: bool>(codes: __m256i, xq: __m256i, t1: __m256i, t2: __m256i) -> __m256i {
     let pairs = if INT {
         _mm256_maddubs_epi16(codes, xq)
     } else if B == 4 {
@@ -544,8 +544,32 @@ unsafe fn q8_block<const B: usize, const INT: bool>(codes: __m256i, xq: __m256i,
     _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
 }
 
+/// The `vpshufb` tables of `q8_block`'s PoT products: the level (`w + o` at 2 and 3 bits,
+/// `2^E` at 4 bits), and at 4 bits the sign.
+#[inline(always)]
+pub(super) unsafe fn q8_tables<const B: usize>() -> (__m256i, __m256i) {
+    match B {
+        2 => (table16([3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0]), _mm256_setzero_si256()),
+        3 => (table16([9, 10, 12, 16, 7, 6, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]), _mm256_setzero_si256()),
+        _ => (
+            table16([1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128]),
+            table16([1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1]),
+        ),
+    }
+}
+
+/// `o`, the offset that makes PoT levels unsigned at 2 and 3 bits (their top level); 0 at 4
+/// bits, whose sign goes onto the activations.
+pub(super) fn q8_level_offset(bits: usize) -> f32 {
+    match bits {
+        2 => 2.0,
+        3 => 8.0,
+        _ => 0.0,
+    }
+}
+
 /// The columns past the last whole 32-block of the row (at most one short block), in integers.
-fn q8_tail(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
+pub(super) fn q8_tail(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
     let l = m.layout();
     let start = l.cols / BLOCK * BLOCK;
     if start == l.cols {
@@ -572,19 +596,8 @@ unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &Packe
     let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
     let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
     let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
-    let (t1, t2) = match B {
-        2 => (table16([3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0, 3, 4, 1, 0]), _mm256_setzero_si256()),
-        3 => (table16([9, 10, 12, 16, 7, 6, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]), _mm256_setzero_si256()),
-        _ => (
-            table16([1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128]),
-            table16([1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1]),
-        ),
-    };
-    let level_offset = match (INT, B) {
-        (false, 2) => 2.0,
-        (false, 3) => 8.0,
-        _ => 0.0,
-    };
+    let (t1, t2) = q8_tables::<B>();
+    let level_offset = if INT { 0.0 } else { q8_level_offset(B) };
     let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
     let mut acc = [_mm256_setzero_ps(); R];
     let mut scalar = [0f32; R];

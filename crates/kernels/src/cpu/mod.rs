@@ -18,6 +18,8 @@ mod avx512;
 mod portable;
 pub mod q8;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -37,7 +39,8 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// AVX2 plus AVX-512 F, BW and VBMI: the packed GEMV decodes 16 weights per lookup
-    /// (`avx512`), and so do GEMM panels; everything else runs the AVX2 kernels.
+    /// (`avx512`), and so do GEMM panels; with VNNI too, the Q8 GEMV multiplies 64 weights per
+    /// instruction (`vnni`); everything else runs the AVX2 kernels.
     Avx512,
 }
 
@@ -248,6 +251,8 @@ struct PackedRows<'a> {
     activations: Activations,
     /// The AVX2 Q8 kernels cover `m` (else Q8 goes the scalar way).
     simd_q8: bool,
+    /// The AVX-512 VNNI Q8 kernels cover `m` (their activations are the AVX2 kernels').
+    vnni_q8: bool,
     /// The AVX-512 GEMV kernels cover `m` and the decode (f32 activations).
     wide: bool,
     /// The AVX-512 kernels cover `m` (GEMM panels decode with them).
@@ -267,7 +272,11 @@ impl<'a> PackedRows<'a> {
         #[cfg(not(target_arch = "x86_64"))]
         let wide_decode = false;
         let wide = wide_decode && (m.format() != Format::Pot || decode == PotDecode::Lut);
-        Ok(Self { m, simd, decode, activations: kernel.activations, simd_q8, wide, wide_decode })
+        #[cfg(target_arch = "x86_64")]
+        let vnni_q8 = kernel.isa == Isa::Avx512 && vnni::available() && vnni::supports(m);
+        #[cfg(not(target_arch = "x86_64"))]
+        let vnni_q8 = false;
+        Ok(Self { m, simd, decode, activations: kernel.activations, simd_q8, vnni_q8, wide, wide_decode })
     }
 
     fn q8_order(&self) -> q8::Order {
@@ -309,6 +318,13 @@ impl Rows for PackedRows<'_> {
     fn dot_rows(&self, r0: usize, x: &[f32], prepared: &Prepared, out: &mut [f32]) {
         match prepared {
             Prepared::Q8(a) => {
+                #[cfg(target_arch = "x86_64")]
+                if self.vnni_q8 {
+                    // SAFETY: `vnni_q8` is set only when the CPU has the features and the
+                    // kernels cover m (so the AVX2 ones do: `a` is in their order); the rows
+                    // exist.
+                    return unsafe { vnni::dot_packed_q8(self.m, r0, a, out) };
+                }
                 #[cfg(target_arch = "x86_64")]
                 if self.simd_q8 {
                     // SAFETY: `simd_q8` is set only when the CPU has the features and the Q8
