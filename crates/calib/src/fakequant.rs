@@ -70,6 +70,46 @@ fn level(w: f32, s: f32, qmax: f32) -> f32 {
     if w >= 0.0 { magnitude } else { -magnitude }
 }
 
+/// `level`'s exponent by comparisons, for the CPU: `E` is how many of the thresholds
+/// `T_1 < … < T_qmax` the ratio `|w| / s` reaches, `T_k` the least f32 at which the logarithm
+/// form rounds to `k` (found once by bisection over f32 bit patterns: the form is monotone in
+/// the ratio). The same levels as `level`, without a logarithm per weight, and a loop the
+/// compiler vectorizes. Unused thresholds are NaN, which no ratio reaches.
+struct Thresholds([f32; 7]);
+
+impl Thresholds {
+    /// `None` for more than 7 exponents (more than 4 bits).
+    fn new(qmax: u32) -> Option<Self> {
+        if qmax > 7 {
+            return None;
+        }
+        let exponent = |x: f32| (x.ln() * (1.0 / LN_2) as f32).round();
+        let mut t = [f32::NAN; 7];
+        for k in 1..=qmax {
+            // exponent(2^(k−1)) = k − 1 < k = exponent(2^k)
+            let (mut below, mut at) = (2f32.powi(k as i32 - 1).to_bits(), 2f32.powi(k as i32).to_bits());
+            while at - below > 1 {
+                let mid = below + (at - below) / 2;
+                if exponent(f32::from_bits(mid)) >= k as f32 { at = mid } else { below = mid }
+            }
+            t[k as usize - 1] = f32::from_bits(at);
+        }
+        Some(Self(t))
+    }
+
+    #[inline(always)]
+    fn exponent(&self, ratio: f32) -> u32 {
+        self.0.iter().map(|&t| (ratio >= t) as u32).sum()
+    }
+
+    /// `level(w, s, qmax)`.
+    #[inline(always)]
+    fn level(&self, w: f32, s: f32) -> f32 {
+        let magnitude = f32::from_bits((127 + self.exponent(w.abs() / s)) << 23);
+        if w >= 0.0 { magnitude } else { -magnitude }
+    }
+}
+
 /// `(rows, cols, groups)` of contiguous transposed weights `[cols, rows]` and scales
 /// `[rows, groups]` that fit together.
 fn check(lw: &Layout, ls: &Layout, group: usize) -> Result<(usize, usize, usize)> {
@@ -106,12 +146,17 @@ impl CustomOp2 for FakeQuant {
         let (wt, s) = (f32s(s1, l1)?, f32s(s2, l2)?);
         let qmax = self.qmax as f32;
         let mut out = vec![0f32; rows * cols];
+        let thresholds = Thresholds::new(self.qmax);
         if rows > 0 {
-            out.par_chunks_mut(rows).zip(wt.par_chunks(rows)).enumerate().for_each(|(c, (o, wc))| {
-                let g = c / self.group;
-                for (r, (o, &v)) in o.iter_mut().zip(wc).enumerate() {
-                    let sg = s[r * groups + g];
-                    *o = sg * level(v, sg, qmax);
+            // A task per group: its columns are `group` whole rows of `W̃ᵀ`, and its scales,
+            // gathered once, line up with every one of them.
+            out.par_chunks_mut(rows * self.group).zip(wt.par_chunks(rows * self.group)).enumerate().for_each(|(g, (o, w))| {
+                let sg: Vec<f32> = (0..rows).map(|r| s[r * groups + g]).collect();
+                for (o, w) in o.chunks_mut(rows).zip(w.chunks(rows)) {
+                    match &thresholds {
+                        Some(t) => o.iter_mut().zip(w).zip(&sg).for_each(|((o, &v), &s)| *o = s * t.level(v, s)),
+                        None => o.iter_mut().zip(w).zip(&sg).for_each(|((o, &v), &s)| *o = s * level(v, s, qmax)),
+                    }
                 }
             });
         }
@@ -331,6 +376,30 @@ mod tests {
         let sign = ((w.ge(0f64).unwrap().to_dtype(candle_core::DType::F32).unwrap() * 2.0).unwrap() - 1.0).unwrap();
         let levels = (e * LN_2).unwrap().exp().unwrap().round().unwrap().mul(&sign).unwrap();
         levels.mul(&spread).unwrap().t().unwrap()
+    }
+
+    /// The thresholds give the logarithm form's exponent for every ratio near each of them
+    /// (20 000 f32 steps either side) and across ten decades.
+    #[test]
+    fn thresholds_equal_the_logarithm() {
+        for qmax in [1u32, 3, 7] {
+            let t = Thresholds::new(qmax).unwrap();
+            let exponent = |x: f32| level(x, 1.0, qmax as f32).abs().log2() as u32;
+            for k in 0..qmax as usize {
+                let at = t.0[k].to_bits();
+                for bits in at - 20_000..at + 20_000 {
+                    let x = f32::from_bits(bits);
+                    assert_eq!(t.exponent(x), exponent(x), "qmax {qmax}: ratio {x:e}");
+                }
+            }
+            for i in 0..1_000_000u32 {
+                let x = 10f32.powf(-5.0 + 10.0 * (i as f32 / 1e6));
+                assert_eq!(t.exponent(x), exponent(x), "qmax {qmax}: ratio {x:e}");
+            }
+            assert_eq!(t.exponent(0.0), 0);
+            assert_eq!(t.exponent(f32::INFINITY), qmax);
+        }
+        assert!(Thresholds::new(8).is_none());
     }
 
     /// The op equals the tensor-op form, values exactly and scale gradients, with a ragged
