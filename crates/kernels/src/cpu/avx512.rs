@@ -165,28 +165,7 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
 /// # Safety
 /// `available()` must be true and `supports(m)`; the rows exist.
 pub unsafe fn dot_packed_rows(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
-    use potptq_quant::Format::*;
-    unsafe fn rows<const B: usize, const INT: bool>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
-        let mut chunks = out.chunks_exact_mut(4);
-        let mut r = r0;
-        for c in &mut chunks {
-            dot_rows::<B, 4, INT>(m, r, x, c);
-            r += 4;
-        }
-        for c in chunks.into_remainder().chunks_mut(1) {
-            dot_rows::<B, 1, INT>(m, r, x, c);
-            r += 1;
-        }
-    }
-    match (m.format(), m.bits()) {
-        (Pot, 2) => rows::<2, false>(m, r0, x, out),
-        (Pot, 3) => rows::<3, false>(m, r0, x, out),
-        (Pot, 4) => rows::<4, false>(m, r0, x, out),
-        (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, x, out),
-        (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, x, out),
-        (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, x, out),
-        (f, b) => unreachable!("avx512 kernels do not cover {f:?} at {b} bits"),
-    }
+    rows_by_format!(dot_rows, m, r0, x, out)
 }
 
 /// Row `r` as f32, for a GEMM panel.

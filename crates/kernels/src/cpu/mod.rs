@@ -11,6 +11,39 @@
 //! The instruction set is picked at run time (`Isa::best`); `reference` holds the plain
 //! definition the kernels are tested against.
 
+/// The body of a row kernels' entry point: rows `$r0..$r0 + $out.len()` through
+/// `$kernel::<BITS, ROWS, INT>(m, r, x, out)`, four rows per call (the activations loaded
+/// once for four) and the rest one by one, the instance picked by `$m`'s format and bits.
+#[cfg(target_arch = "x86_64")]
+macro_rules! rows_by_format {
+    ($kernel:ident, $m:expr, $r0:expr, $x:expr, $out:expr) => {{
+        use potptq_quant::Format::*;
+        macro_rules! four_then_one {
+            ($b:literal, $int:literal) => {{
+                let mut chunks = $out.chunks_exact_mut(4);
+                let mut r = $r0;
+                for c in &mut chunks {
+                    $kernel::<$b, 4, $int>($m, r, $x, c);
+                    r += 4;
+                }
+                for c in chunks.into_remainder().chunks_mut(1) {
+                    $kernel::<$b, 1, $int>($m, r, $x, c);
+                    r += 1;
+                }
+            }};
+        }
+        match ($m.format(), $m.bits()) {
+            (Pot, 2) => four_then_one!(2, false),
+            (Pot, 3) => four_then_one!(3, false),
+            (Pot, 4) => four_then_one!(4, false),
+            (IntAsym | IntSym, 2) => four_then_one!(2, true),
+            (IntAsym | IntSym, 3) => four_then_one!(3, true),
+            (IntAsym | IntSym, 4) => four_then_one!(4, true),
+            (f, b) => unreachable!("{} does not cover {f:?} at {b} bits", stringify!($kernel)),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -179,28 +179,7 @@ const PREFETCH: usize = 256;
 /// # Safety
 /// `available()` must be true and `supports(m)`; `a` was made with `avx2::q8_order(m.bits())`.
 pub unsafe fn dot_packed_q8(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
-    use potptq_quant::Format::*;
-    unsafe fn rows<const B: usize, const INT: bool>(m: &PackedMatrix, r0: usize, a: &Q8Activations, out: &mut [f32]) {
-        let mut chunks = out.chunks_exact_mut(4);
-        let mut r = r0;
-        for c in &mut chunks {
-            dot_rows::<B, 4, INT>(m, r, a, c);
-            r += 4;
-        }
-        for c in chunks.into_remainder().chunks_mut(1) {
-            dot_rows::<B, 1, INT>(m, r, a, c);
-            r += 1;
-        }
-    }
-    match (m.format(), m.bits()) {
-        (Pot, 2) => rows::<2, false>(m, r0, a, out),
-        (Pot, 3) => rows::<3, false>(m, r0, a, out),
-        (Pot, 4) => rows::<4, false>(m, r0, a, out),
-        (IntAsym | IntSym, 2) => rows::<2, true>(m, r0, a, out),
-        (IntAsym | IntSym, 3) => rows::<3, true>(m, r0, a, out),
-        (IntAsym | IntSym, 4) => rows::<4, true>(m, r0, a, out),
-        (f, b) => unreachable!("VNNI Q8 kernels do not cover {f:?} at {b} bits"),
-    }
+    rows_by_format!(dot_rows, m, r0, a, out)
 }
 
 #[cfg(test)]
