@@ -7,7 +7,10 @@
 //! stream pass: the pipeline runs two, FP and quantized), one full-set loss evaluation
 //! (`refine_block` runs two), and `refine_block` for `--epochs`; an epoch is
 //! `(refine − 2·loss)/epochs`. The projection is
-//! `blocks × (2·pass + 2·loss + target_epochs·epoch)`; Step 1 and GPTQ are not included.
+//! `blocks × (2·pass + 2·loss + target_epochs·epoch)`. Step 1's grid search (on the CPU cores,
+//! as the pipeline runs it) gives the starting scales; its time per block is added in a second
+//! projection, the whole PoTPTQ of the model's blocks. Loading, packing and evaluation are not
+//! included.
 
 use std::time::Instant;
 
@@ -19,7 +22,7 @@ use potptq_calib::Step2Options;
 use potptq_model::config::Arch;
 use potptq_model::llama::{Rope, BLOCK_LINEARS};
 use potptq_model::Config;
-use potptq_quant::{step1, GroupLayout};
+use potptq_quant::{quantize_pot_step1, GroupLayout, Grid};
 use serde_json::json;
 
 use crate::common::{print_json, DeviceArg};
@@ -104,19 +107,17 @@ pub fn run(a: Step2Args) -> Result<()> {
     let graph = BlockGraph::new(&cfg, &rope, a.seq_len, DType::F32, &device)?;
     let mut weights = Vec::new();
     let mut scales = Vec::new();
+    // Step 1 (the grid search, on the CPU cores, as the pipeline runs it) gives Step 2 its
+    // starting scales, and its time joins the projection.
+    let mut step1_s = 0.0;
     for name in BLOCK_LINEARS {
         let (r, c) = cfg.linear_shape(name);
         let layout = GroupLayout::new(r, c, a.group_size)?;
         let w = Tensor::randn(0f32, 0.02, (r, c), &device)?;
-        // Step 1's starting point `step1::s0` per group (a short last group too), as an f16
-        // (Step 1's grid search runs on the CPU and is not what is timed here).
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let mut s = Vec::with_capacity(r * layout.groups_per_row());
-        for row in wv.chunks_exact(c) {
-            for g in 0..layout.groups_per_row() {
-                s.push(half::f16::from_f32(step1::s0(&row[layout.group_cols(g)], a.bits).max(1e-4)).to_f32());
-            }
-        }
+        let t = Instant::now();
+        let s = quantize_pot_step1(name, &wv, layout, a.bits, &Grid::default())?.scales;
+        step1_s += t.elapsed().as_secs_f64();
         let ls = LearnedScales::new(&w, &s, layout, a.bits)?;
         scales.push(if a.weight_lr.is_some() { ls.with_trained_weights()? } else { ls });
         weights.push(w);
@@ -157,6 +158,7 @@ pub fn run(a: Step2Args) -> Result<()> {
     let target_epochs = a.target_epochs.unwrap_or(Step2Options::paper(a.bits).epochs);
     let block_s = 2.0 * pass_s + 2.0 * loss_s + target_epochs as f64 * epoch_s;
     let total_s = a.blocks as f64 * block_s;
+    let whole_s = a.blocks as f64 * (step1_s + block_s);
     let device_name = device_name(&device);
     if !a.json {
         println!(
@@ -169,6 +171,12 @@ pub fn run(a: Step2Args) -> Result<()> {
             a.hidden, a.heads, a.intermediate, a.segments, a.seq_len, a.bits, a.epochs, report.loss_after
         );
         println!("projected: {block_s:.1} s per block with {target_epochs} epochs, {:.1} min for {} blocks", total_s / 60.0, a.blocks);
+        println!(
+            "Step 1 (grid search on {} CPU threads): {step1_s:.2} s per block; Step 1 + Step 2: {:.1} min for {} blocks",
+            rayon::current_num_threads(),
+            whole_s / 60.0,
+            a.blocks
+        );
         if let Some(p) = profile {
             println!(
                 "per step ({} steps): W̃ {:.1} ms, forward + loss {:.1} ms, backward {:.1} ms, Adam {:.1} ms",
@@ -187,6 +195,7 @@ pub fn run(a: Step2Args) -> Result<()> {
         "epoch_s": epoch_s, "loss_before": report.loss_before, "loss_after": report.loss_after,
         "epoch_losses": report.epoch_losses, "target_epochs": target_epochs,
         "projected_block_s": block_s, "blocks": a.blocks, "projected_total_s": total_s,
+        "step1_block_s": step1_s, "step1_threads": rayon::current_num_threads(), "projected_step1_step2_s": whole_s,
     }));
     Ok(())
 }
