@@ -22,6 +22,7 @@ use crate::ops::cast::cast;
 use crate::ops::rms_norm::{rms_norm, rms_norm_grad};
 use crate::ops::rope::{rope_to_heads, rope_to_heads_grad};
 use crate::ops::softmax::{causal_softmax, causal_softmax_grad};
+use crate::ops::swap::swap_axes_1_2;
 use crate::ops::swiglu::{swiglu, swiglu_grad};
 
 /// The tensors of one block, on one device; linears in `BLOCK_LINEARS` order.
@@ -189,10 +190,10 @@ impl BlockGraph {
         let tokens = |i: usize, n: usize| -> Result<Tensor> { Ok(w.product(i, x, (b, t), dtype)?.reshape((b, t, n, hd))?) };
         let q = rope_to_heads(&tokens(Q, nh)?, &self.cos, &self.sin)?.reshape((b, nkv, nh / nkv * t, hd))?;
         let k = rope_to_heads(&tokens(K, nkv)?, &self.cos, &self.sin)?;
-        let v = tokens(V, nkv)?.transpose(1, 2)?.contiguous()?;
+        let v = swap_axes_1_2(&tokens(V, nkv)?)?;
         let probs = causal_softmax(&q.matmul(&k.t()?)?, t, self.attention_scale())?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-        Ok((out.transpose(1, 2)?.reshape((b, t, nh * hd))?, q, k, v, probs))
+        let out = swap_axes_1_2(&probs.matmul(&v)?.reshape((b, nh, t, hd))?)?;
+        Ok((out.reshape((b, t, nh * hd))?, q, k, v, probs))
     }
 
     fn attention_scale(&self) -> f64 {
@@ -232,12 +233,12 @@ impl BlockGraph {
     fn attention_grad(&self, tape: &Tape, d_heads: &Tensor) -> Result<[Tensor; 3]> {
         let (b, t, _) = d_heads.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let d_out = d_heads.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?;
+        let d_out = swap_axes_1_2(&d_heads.reshape((b, t, nh, hd))?)?.reshape((b, nkv, nh / nkv * t, hd))?;
         let d_scores = causal_softmax_grad(&d_out.matmul(&tape.v.t()?)?, &tape.probs, t, self.attention_scale())?;
         let d_v = tape.probs.t()?.matmul(&d_out)?;
         let d_q = rope_to_heads_grad(&d_scores.matmul(&tape.k)?.reshape((b, nh, t, hd))?, &self.cos, &self.sin)?;
         let d_k = rope_to_heads_grad(&d_scores.t()?.matmul(&tape.q)?, &self.cos, &self.sin)?;
-        Ok([d_q.reshape((b, t, nh * hd))?, d_k.reshape((b, t, nkv * hd))?, d_v.transpose(1, 2)?.reshape((b, t, nkv * hd))?])
+        Ok([d_q.reshape((b, t, nh * hd))?, d_k.reshape((b, t, nkv * hd))?, swap_axes_1_2(&d_v)?.reshape((b, t, nkv * hd))?])
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cast;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
+pub mod swap;
 pub mod swiglu;
 
 use candle_core::{CpuStorage, Layout, Result};
