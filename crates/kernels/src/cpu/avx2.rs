@@ -154,8 +154,7 @@ fn scalar_tail(m: &PackedMatrix, r: usize, x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_pot_rows<const B: usize, const R: usize, D: PotDecoder<B>>(m: &PackedMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     let gpr = m.layout().groups_per_row();
-    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
-    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let super::RowBlock { rows, scales, .. } = super::RowBlock::<R>::new(m, r0, false);
     let (xp, shifts) = (x.as_ptr(), lane_shifts(B));
     let mut acc = [_mm256_setzero_ps(); 4];
     for g in 0..gpr {
@@ -593,9 +592,7 @@ unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &Packe
     let l = m.layout();
     let gpr = l.groups_per_row();
     let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
-    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
-    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
-    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
+    let super::RowBlock { rows, scales, offsets } = super::RowBlock::<R>::new(m, r0, INT);
     let (t1, t2) = q8_tables::<B>();
     let level_offset = if INT { 0.0 } else { q8_level_offset(B) };
     let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());

@@ -116,9 +116,7 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     let l = m.layout();
     let gpr = l.groups_per_row();
     let (full, per_group) = (l.cols / 32, l.group_size / 32);
-    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
-    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
-    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
+    let super::RowBlock { rows, scales, offsets } = super::RowBlock::<R>::new(m, r0, INT);
     let shifts = if B == 4 {
         _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28)
     } else {

@@ -44,6 +44,29 @@ macro_rules! rows_by_format {
     }};
 }
 
+/// What a row kernel over the `R` rows from `r0` reads of each row besides the activations:
+/// where its codes start, and its group scales and (INT) offsets, all of the `R` rows' groups.
+#[cfg(target_arch = "x86_64")]
+struct RowBlock<'a, const R: usize> {
+    rows: [*const u8; R],
+    scales: &'a [f32],
+    offsets: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, const R: usize> RowBlock<'a, R> {
+    #[inline(always)]
+    fn new(m: &'a PackedMatrix, r0: usize, int: bool) -> Self {
+        let gpr = m.layout().groups_per_row();
+        let groups = r0 * gpr..(r0 + R) * gpr;
+        Self {
+            rows: std::array::from_fn(|i| m.row_ptr(r0 + i)),
+            scales: &m.scales()[groups.clone()],
+            offsets: if int { &m.offsets()[groups] } else { &[] },
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -116,9 +116,7 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     let l = m.layout();
     let gpr = l.groups_per_row();
     let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
-    let rows: [*const u8; R] = std::array::from_fn(|i| m.row_ptr(r0 + i));
-    let scales = &m.scales()[r0 * gpr..(r0 + R) * gpr];
-    let offsets = if INT { &m.offsets()[r0 * gpr..(r0 + R) * gpr] } else { &[][..] };
+    let super::RowBlock { rows, scales, offsets } = super::RowBlock::<R>::new(m, r0, INT);
     let table = _mm512_loadu_si512(TABLES[INT as usize][B - 2].as_ptr() as *const _);
     let (t1, t2) = avx2::q8_tables::<B>();
     let level_offset = if INT { 0.0 } else { avx2::q8_level_offset(B) };
