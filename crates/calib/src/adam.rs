@@ -84,17 +84,25 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 /// Elements per CPU task.
 const CHUNK: usize = 1 << 14;
 
+/// The length `n` of `other` (a gradient or the parameter) when `moments` holds `2n` and both
+/// are contiguous.
+fn moments_fit(moments: &Layout, other: &Layout, what: &str) -> candle_core::Result<usize> {
+    let n = other.shape().elem_count();
+    if moments.shape().elem_count() != 2 * n || !moments.is_contiguous() || !other.is_contiguous() {
+        candle_core::bail!("adam: moments {:?} for a {what} {:?}", moments.shape(), other.shape());
+    }
+    Ok(n)
+}
+
 impl InplaceOp2 for Moments {
     fn name(&self) -> &'static str {
         "adam-moments"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let n = moments_fit(l1, l2, "gradient")?;
         let (mv, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
-        if mv.len() != 2 * g.len() {
-            candle_core::bail!("adam: moments {:?} for a gradient {:?}", l1.shape(), l2.shape());
-        }
-        let (m, v) = mv.split_at_mut(g.len());
+        let (m, v) = mv.split_at_mut(n);
         m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
             for ((m, v), &g) in m.iter_mut().zip(v).zip(g) {
                 *m = BETA1 as f32 * *m + (1.0 - BETA1) as f32 * g;
@@ -106,15 +114,8 @@ impl InplaceOp2 for Moments {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
-        use candle_core::backend::BackendStorage;
-        let n = l2.shape().elem_count();
-        if l1.shape().elem_count() != 2 * n || !l1.is_contiguous() || !l2.is_contiguous() {
-            candle_core::bail!("adam: moments {:?} for a gradient {:?}", l1.shape(), l2.shape());
-        }
-        let dev = s2.device().clone();
-        let g = crate::gpu::view::<f32>(s2, l2)?;
-        let mut mv = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
-        cuda::launch(&dev, "adam_moments", n, &mut mv, &g, [BETA1 as f32, BETA2 as f32, 0.0, 0.0])
+        let n = moments_fit(l1, l2, "gradient")?;
+        cuda::in_place("adam_moments", n, (s1, l1), (s2, l2), &[BETA1 as f32, BETA2 as f32])
     }
 }
 
@@ -124,11 +125,9 @@ impl InplaceOp2 for Step {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let n = moments_fit(l2, l1, "parameter")?;
         let (p, mv) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
-        if mv.len() != 2 * p.len() {
-            candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
-        }
-        let (m, v) = mv.split_at(p.len());
+        let (m, v) = mv.split_at(n);
         let (lr, v_scale, eps, floor) = (self.lr as f32, self.v_scale as f32, EPS as f32, self.floor);
         p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
             for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
@@ -140,26 +139,21 @@ impl InplaceOp2 for Step {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
-        use candle_core::backend::BackendStorage;
-        let n = l1.shape().elem_count();
-        if l2.shape().elem_count() != 2 * n || !l1.is_contiguous() || !l2.is_contiguous() {
-            candle_core::bail!("adam: moments {:?} for a parameter {:?}", l2.shape(), l1.shape());
-        }
-        let dev = s2.device().clone();
-        let mv = crate::gpu::view::<f32>(s2, l2)?;
-        let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(l1.start_offset()..);
-        cuda::launch(&dev, "adam_step", n, &mut p, &mv, [self.lr as f32, self.v_scale as f32, EPS as f32, self.floor])
+        let n = moments_fit(l2, l1, "parameter")?;
+        cuda::in_place("adam_step", n, (s1, l1), (s2, l2), &[self.lr as f32, self.v_scale as f32, EPS as f32, self.floor])
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout};
 
     /// One thread per element; `mv` holds `m` then `v`.
     const SOURCE: &str = r#"
-extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __restrict__ g, unsigned int n, float beta1, float beta2, float unused, float unused2) {
+extern "C" __global__ void adam_moments(float* __restrict__ mv, const float* __restrict__ g, unsigned int n, float beta1, float beta2) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float gi = g[i];
@@ -174,16 +168,23 @@ extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restr
 }
 "#;
 
-    /// `name` over `n` elements of `dst` (updated in place) with `src` and four constants.
-    pub fn launch(dev: &CudaDevice, name: &str, n: usize, dst: &mut CudaViewMut<f32>, src: &CudaView<f32>, k: [f32; 4]) -> candle_core::Result<()> {
+    /// Kernel `name` over `n` elements: the contiguous `dst` updated in place from `src`, with the
+    /// kernel's constants `k` (the callers checked the lengths).
+    pub fn in_place(name: &str, n: usize, (dst, ld): (&mut CudaStorage, &Layout), (src, ls): (&CudaStorage, &Layout), k: &[f32]) -> candle_core::Result<()> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+        let dev = src.device().clone();
         let func = dev.get_or_load_custom_func(name, "potptq_adam", crate::gpu::ptx(&PTX, SOURCE)?)?;
+        let src = crate::gpu::view::<f32>(src, ls)?;
+        let mut dst = dst.as_cuda_slice_mut::<f32>()?.slice_mut(ld.start_offset()..);
         let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("adam: {n} elements do not fit the kernel's 32-bit indices")))?;
         if n32 == 0 {
             return Ok(());
         }
         let mut b = func.builder();
-        b.arg(dst).arg(src).arg(&n32).arg(&k[0]).arg(&k[1]).arg(&k[2]).arg(&k[3]);
+        b.arg(&mut dst).arg(&src).arg(&n32);
+        for k in k {
+            b.arg(k);
+        }
         let cfg = LaunchConfig { grid_dim: (n32.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `dst` and `src` hold the elements the kernel touches (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;
