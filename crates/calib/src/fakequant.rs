@@ -509,5 +509,12 @@ mod tests {
         assert_eq!(pot_fake_quant_t(&wt, &Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap().dims(), &[12, 2]);
         let empty = Tensor::zeros((12, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(pot_fake_quant_t(&empty, &Tensor::ones((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 4, 3, candle_core::DType::F32).unwrap().dims(), &[12, 0]);
+        // The scale gradient wants `W̃ᵀ` and its gradient in one dtype, f32 or bf16.
+        let scales = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (w_dtype, g_dtype) in [(candle_core::DType::F32, candle_core::DType::BF16), (candle_core::DType::F64, candle_core::DType::F64)] {
+            let e = pot_fake_quant_t_scale_grad(&wt.to_dtype(g_dtype).unwrap(), &wt.to_dtype(w_dtype).unwrap(), &scales, 4, 3).unwrap_err().to_string();
+            assert!(e.contains("W̃ᵀ and its gradient in f32 or bf16, one dtype"), "{w_dtype:?} / {g_dtype:?}: {e}");
+        }
+        assert_eq!(pot_fake_quant_t_scale_grad(&wt, &wt, &scales, 4, 3).unwrap().dims(), &[2, 3]);
     }
 }

@@ -107,8 +107,9 @@ pub fn run(a: Step2Args) -> Result<()> {
     let graph = BlockGraph::new(&cfg, &rope, a.seq_len, DType::F32, &device)?;
     let mut weights = Vec::new();
     let mut scales = Vec::new();
-    // Step 1 (the grid search, on the CPU cores, as the pipeline runs it) gives Step 2 its
-    // starting scales, and its time joins the projection.
+    // Step 1 (the grid search, on the CPU cores, as the pipeline runs it; unweighted, the
+    // bench's activations being white) gives Step 2 its starting scales, and its time joins the
+    // projection.
     let mut step1_s = 0.0;
     for name in BLOCK_LINEARS {
         let (r, c) = cfg.linear_shape(name);
