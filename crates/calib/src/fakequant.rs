@@ -20,10 +20,9 @@
 //! `W̃ᵀ` comes in f32, or in bf16 for bf16 products (the backward then reads the bf16
 //! gradient), so that no f32 copy is made and converted.
 
-use std::f64::consts::LN_2;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
+use potptq_quant::pot::pot_exponent;
 use rayon::prelude::*;
 
 /// `W̃ᵀ` `[cols, rows]` in `out` (f32 or bf16) from the transposed weights `Wᵀ`
@@ -62,52 +61,13 @@ struct FakeQuant {
 /// `∂L/∂ŝ` from `∂L/∂W̃ᵀ`, `W̃ᵀ` and `ŝ` (an op without a gradient).
 struct FakeQuantGrad(FakeQuant);
 
-/// The level `±2^E` of weight `w` under scale `s`, with the arithmetic of the tensor-op form
-/// (`ln(|w| / s) · (1 / ln 2)` in f32, rounded half away from zero).
-fn level(w: f32, s: f32, qmax: f32) -> f32 {
-    let e = ((w.abs() / s).ln() * (1.0 / LN_2) as f32).round().clamp(0.0, qmax);
-    let magnitude = (1u32 << e as u32) as f32;
+/// The level `±2^E` of weight `w` under scale `s`: `E` by the packer's rule
+/// (`pot::pot_exponent` on the f32 ratio `|w| / s`), so that the codes Step 2 trains through
+/// are the codes the checkpoint stores, ties included.
+#[inline(always)]
+fn level(w: f32, s: f32, qmax: u32) -> f32 {
+    let magnitude = f32::from_bits((127 + pot_exponent(w.abs() / s, qmax)) << 23);
     if w >= 0.0 { magnitude } else { -magnitude }
-}
-
-/// `level`'s exponent by comparisons, for the CPU: `E` is how many of the thresholds
-/// `T_1 < … < T_qmax` the ratio `|w| / s` reaches, `T_k` the least f32 at which the logarithm
-/// form rounds to `k` (found once by bisection over f32 bit patterns: the form is monotone in
-/// the ratio). The same levels as `level`, without a logarithm per weight, and a loop the
-/// compiler vectorizes. Unused thresholds are NaN, which no ratio reaches.
-struct Thresholds([f32; 7]);
-
-impl Thresholds {
-    /// `None` for more than 7 exponents (more than 4 bits).
-    fn new(qmax: u32) -> Option<Self> {
-        if qmax > 7 {
-            return None;
-        }
-        let exponent = |x: f32| (x.ln() * (1.0 / LN_2) as f32).round();
-        let mut t = [f32::NAN; 7];
-        for k in 1..=qmax {
-            // exponent(2^(k−1)) = k − 1 < k = exponent(2^k)
-            let (mut below, mut at) = (2f32.powi(k as i32 - 1).to_bits(), 2f32.powi(k as i32).to_bits());
-            while at - below > 1 {
-                let mid = below + (at - below) / 2;
-                if exponent(f32::from_bits(mid)) >= k as f32 { at = mid } else { below = mid }
-            }
-            t[k as usize - 1] = f32::from_bits(at);
-        }
-        Some(Self(t))
-    }
-
-    #[inline(always)]
-    fn exponent(&self, ratio: f32) -> u32 {
-        self.0.iter().map(|&t| (ratio >= t) as u32).sum()
-    }
-
-    /// `level(w, s, qmax)`.
-    #[inline(always)]
-    fn level(&self, w: f32, s: f32) -> f32 {
-        let magnitude = f32::from_bits((127 + self.exponent(w.abs() / s)) << 23);
-        if w >= 0.0 { magnitude } else { -magnitude }
-    }
 }
 
 /// `(rows, cols, groups)` of contiguous transposed weights `[cols, rows]` and scales
@@ -144,19 +104,15 @@ impl CustomOp2 for FakeQuant {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, cols, groups) = check(l1, l2, self.group)?;
         let (wt, s) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let qmax = self.qmax as f32;
+        let qmax = self.qmax;
         let mut out = vec![0f32; rows * cols];
-        let thresholds = Thresholds::new(self.qmax);
         if rows > 0 {
             // A task per group: its columns are `group` whole rows of `W̃ᵀ`, and its scales,
             // gathered once, line up with every one of them.
             out.par_chunks_mut(rows * self.group).zip(wt.par_chunks(rows * self.group)).enumerate().for_each(|(g, (o, w))| {
                 let sg: Vec<f32> = (0..rows).map(|r| s[r * groups + g]).collect();
                 for (o, w) in o.chunks_mut(rows).zip(w.chunks(rows)) {
-                    match &thresholds {
-                        Some(t) => o.iter_mut().zip(w).zip(&sg).for_each(|((o, &v), &s)| *o = s * t.level(v, s)),
-                        None => o.iter_mut().zip(w).zip(&sg).for_each(|((o, &v), &s)| *o = s * level(v, s, qmax)),
-                    }
+                    o.iter_mut().zip(w).zip(&sg).for_each(|((o, &v), &s)| *o = s * level(v, s, qmax));
                 }
             });
         }
@@ -235,8 +191,6 @@ impl CustomOp3 for FakeQuantGrad {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::f64::consts::LN_2;
-
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
 
@@ -257,7 +211,7 @@ __device__ void store(unsigned short* p, size_t i, float v) {
 
 template <typename T>
 __device__ void fake_quant(const float* __restrict__ wt, const float* __restrict__ s, T* __restrict__ out, unsigned int rows,
-                           unsigned int cols, unsigned int groups, unsigned int group, float qmax, float inv_ln2) {
+                           unsigned int cols, unsigned int groups, unsigned int group, int qmax, unsigned int sqrt2_mantissa) {
     const unsigned int r = blockIdx.x * blockDim.x + threadIdx.x, gi = blockIdx.y;
     if (r >= rows) return;
     const float sg = s[(size_t)r * groups + gi];
@@ -267,8 +221,10 @@ __device__ void fake_quant(const float* __restrict__ wt, const float* __restrict
 #pragma unroll 8
     for (unsigned int c = gi * group; c < end; ++c) {
         const float v = wt[(size_t)c * rows + r];
-        const float e = fminf(fmaxf(roundf(logf(fabsf(v) / sg) * inv_ln2), 0.f), qmax);
-        const float magnitude = (float)(1u << (unsigned int)e);
+        // pot::pot_exponent: the ratio's exponent field, plus one from √2's mantissa on.
+        const unsigned int ratio = __float_as_uint(fabsf(v) / sg) & 0x7fffffffu;
+        const int e = min(max((int)(ratio >> 23) - 127 + (int)((ratio & 0x7fffffu) >= sqrt2_mantissa), 0), qmax);
+        const float magnitude = __uint_as_float((unsigned int)(127 + e) << 23);
         store(out, (size_t)c * rows + r, sg * (v >= 0.f ? magnitude : -magnitude));
     }
 }
@@ -287,8 +243,8 @@ __device__ void scale_grad_of(const T* __restrict__ g, const T* __restrict__ wt,
 
 #define FAKE_QUANT(NAME, T) \
 extern "C" __global__ void NAME(const float* __restrict__ wt, const float* __restrict__ s, T* __restrict__ out, unsigned int rows, \
-                                unsigned int cols, unsigned int groups, unsigned int group, float qmax, float inv_ln2) { \
-    fake_quant(wt, s, out, rows, cols, groups, group, qmax, inv_ln2); \
+                                unsigned int cols, unsigned int groups, unsigned int group, int qmax, unsigned int sqrt2_mantissa) { \
+    fake_quant(wt, s, out, rows, cols, groups, group, qmax, sqrt2_mantissa); \
 }
 FAKE_QUANT(pot_fake_quant_t, float)
 FAKE_QUANT(pot_fake_quant_t_bf16, unsigned short)
@@ -320,10 +276,10 @@ SCALE_GRAD(scale_grad_bf16, unsigned short)
             if rows * cols == 0 {
                 return Ok(out);
             }
-            let (qmax, inv_ln2) = (op.qmax as f32, (1.0 / LN_2) as f32);
+            let (qmax, sqrt2_mantissa) = (op.qmax.min(i32::MAX as u32) as i32, potptq_quant::pot::SQRT2_MANTISSA);
             let f = dev.get_or_load_custom_func(name, MODULE, crate::gpu::ptx(&PTX, SOURCE)?)?;
             let mut b = f.builder();
-            b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&inv_ln2);
+            b.arg(w).arg(s).arg(&out).arg(&r).arg(&c).arg(&g).arg(&gs).arg(&qmax).arg(&sqrt2_mantissa);
             let cfg = LaunchConfig { grid_dim: (r.div_ceil(128), g, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: `w` and `out` hold rows · cols weights and `s` rows · groups scales (`check`).
             unsafe { b.launch(cfg) }.w()?;
@@ -358,6 +314,8 @@ SCALE_GRAD(scale_grad_bf16, unsigned short)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::f64::consts::LN_2;
+
     use candle_core::{Device, Var};
 
     fn weights(rows: usize, cols: usize) -> Vec<f32> {
@@ -378,28 +336,37 @@ mod tests {
         levels.mul(&spread).unwrap().t().unwrap()
     }
 
-    /// The thresholds give the logarithm form's exponent for every ratio near each of them
-    /// (20 000 f32 steps either side) and across ten decades.
+    /// The op's levels are the packer's codes, decoded: every weight, ratios one to three f32
+    /// steps either side of each rounding tie `√2·2^k` included, trains with the exponent the
+    /// checkpoint stores.
     #[test]
-    fn thresholds_equal_the_logarithm() {
-        for qmax in [1u32, 3, 7] {
-            let t = Thresholds::new(qmax).unwrap();
-            let exponent = |x: f32| level(x, 1.0, qmax as f32).abs().log2() as u32;
-            for k in 0..qmax as usize {
-                let at = t.0[k].to_bits();
-                for bits in at - 20_000..at + 20_000 {
-                    let x = f32::from_bits(bits);
-                    assert_eq!(t.exponent(x), exponent(x), "qmax {qmax}: ratio {x:e}");
+    fn levels_are_the_packed_codes() {
+        let tie = |k: i32| f32::from_bits((127 << 23) | potptq_quant::pot::SQRT2_MANTISSA) * 2f32.powi(k);
+        for bits in 2..=4u8 {
+            let qmax = potptq_quant::pot::qmax(bits);
+            let (rows, cols, group) = (5usize, 96usize, 32usize);
+            let groups = cols / group;
+            let s: Vec<f32> = (0..rows * groups).map(|i| 3e-3 * (1.0 + 0.37 * i as f32)).collect();
+            let mut w = weights(rows, cols);
+            // Ratios just around the ties, for every exponent, and w / s exactly those.
+            let mut at = 0;
+            for k in -1..=qmax as i32 {
+                for d in -3i32..=3 {
+                    let (r, c) = (at % rows, at / rows);
+                    let ratio = f32::from_bits((tie(k).to_bits() as i32 + d) as u32);
+                    w[r * cols + c] = if d % 2 == 0 { ratio } else { -ratio } * s[r * groups + c / group];
+                    at += 1;
                 }
             }
-            for i in 0..1_000_000u32 {
-                let x = 10f32.powf(-5.0 + 10.0 * (i as f32 / 1e6));
-                assert_eq!(t.exponent(x), exponent(x), "qmax {qmax}: ratio {x:e}");
+            let wt = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap().t().unwrap().contiguous().unwrap();
+            let st = Tensor::from_vec(s.clone(), (rows, groups), &Device::Cpu).unwrap();
+            let fused: Vec<f32> = pot_fake_quant_t(&wt, &st, group, qmax, DType::F32).unwrap().t().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (i, (&v, &got)) in w.iter().zip(&fused).enumerate() {
+                let scale = s[(i / cols) * groups + (i % cols) / group];
+                let want = potptq_quant::pot::decode(potptq_quant::pot::encode(v, scale, bits), scale, bits);
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits} bits: w {v:e}, s {scale:e}, ratio {:e}", v.abs() / scale);
             }
-            assert_eq!(t.exponent(0.0), 0);
-            assert_eq!(t.exponent(f32::INFINITY), qmax);
         }
-        assert!(Thresholds::new(8).is_none());
     }
 
     /// The op equals the tensor-op form, values exactly and scale gradients, with a ragged
@@ -428,9 +395,8 @@ mod tests {
         }
     }
 
-    /// On a GPU (when there is one) the kernel gives the CPU's levels, scale gradients within
-    /// rounding (its `logf` may differ from the CPU's by an ulp: a weight exactly on a rounding
-    /// boundary may land one level apart, which the count bound allows).
+    /// On a GPU (when there is one) the kernel gives the CPU's levels exactly (both divide in
+    /// IEEE f32 and read the exponent off the bits), scale gradients within rounding.
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_equals_cpu() {
@@ -457,7 +423,7 @@ mod tests {
             let (oc, gc) = run(&Device::Cpu);
             let (og, gg) = run(&gpu);
             let differ = oc.iter().zip(&og).filter(|(a, b)| a != b).count();
-            assert!(differ <= n / 10000, "qmax {qmax}: {differ} of {n} weights differ");
+            assert_eq!(differ, 0, "qmax {qmax}: {differ} of {n} weights differ");
             for (a, b) in gc.iter().zip(&gg) {
                 assert!((a - b).abs() <= 1e-3 * a.abs().max(1e-2), "qmax {qmax}: gradient {a} vs {b}");
             }

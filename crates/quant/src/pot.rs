@@ -13,7 +13,7 @@ pub fn qmax(bits: u8) -> u32 {
 /// Mantissa bits of the smallest f32 in [1, 2) whose log2 is ≥ 0.5 (√2 = 1.41421356…;
 /// 0x3504F3 encodes 1.41421354, just below it, 0x3504F4 1.41421366, just above). No f32 is
 /// exactly √2·2^k, so "≥ this mantissa" is exactly "log2 rounds up".
-pub(crate) const SQRT2_MANTISSA: u32 = 0x3504F4;
+pub const SQRT2_MANTISSA: u32 = 0x3504F4;
 
 /// `clamp(round(log2(ratio)), 0, qmax)` for `ratio ≥ 0`, from the float's bits: the unbiased
 /// exponent field, plus one when the mantissa is at or above √2's. Below 1 (zero and
