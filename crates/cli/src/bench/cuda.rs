@@ -202,12 +202,17 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
         let mut dst = stream.alloc_zeros::<u32>(n)?;
         let t = Timer { stream: stream.clone(), calls: 4, reps: a.reps };
         let s = t.time(|_| kernels.copy(&src, &mut dst))?;
-        2.0 * 4.0 * n as f64 / s / 1e9
+        let r = t.time(|_| kernels.read(&src))?;
+        (2.0 * 4.0 * n as f64 / s / 1e9, 4.0 * n as f64 / r / 1e9)
     };
+    let (copy_gbs, read_gbs) = copy_gbs;
     if !a.json {
-        println!("device: {name} (sm_{maj}{min}); NVRTC compile {compile_s:.1} s; copy bandwidth {copy_gbs:.0} GB/s (read + write)");
+        println!("device: {name} (sm_{maj}{min}); NVRTC compile {compile_s:.1} s; copy bandwidth {copy_gbs:.0} GB/s (read + write), read bandwidth {read_gbs:.0} GB/s");
     }
 
+    if !a.json {
+        println!("| shape | bits | batch | f16 µs | INT µs | PoT µs | PoT GB/s | % copy | % read | codes read once / PoT | PoT/f16 | PoT/INT |");
+    }
     let max_b = a.batch.iter().copied().max().unwrap_or(1);
     let mut rows_out = Vec::new();
     let mut sweep = Vec::new();
@@ -260,10 +265,15 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
                     }
                 }
                 let dequant_s = timer.time(|i| unsafe { kernels.dequantize_raw(&ms[i % ms.len()], dense_p) })?;
-                quant.push((l.weight_bytes(), t, dequant_s));
+                // The floor for this size: reading the codes once, launches and all.
+                let read_s = timer.time(|i| kernels.read(&ms[i % ms.len()].words))?;
+                quant.push((l.weight_bytes(), t, dequant_s, read_s));
             }
-            let (int_bytes, int_t, int_dq) = &quant[0];
-            let (pot_bytes, pot_t, pot_dq) = &quant[1];
+            let (int_bytes, int_t, int_dq, _) = &quant[0];
+            let (pot_bytes, pot_t, pot_dq, pot_read) = &quant[1];
+            if !a.json {
+                println!("read {shape} {bits}-bit PoT codes once: {:.1} µs", pot_read * 1e6);
+            }
             if !a.json {
                 println!("dequantize {shape} {bits}-bit to f16 (for more than 64 tokens): PoT {:.1} µs, INT {:.1} µs", pot_dq * 1e6, int_dq * 1e6);
             }
@@ -274,18 +284,21 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
                     "f16_us": f16_s[bi] * 1e6, "int_us": int_t[bi] * 1e6, "pot_us": pot_t[bi] * 1e6,
                     "pot_bytes": pot_bytes, "int_bytes": int_bytes, "f16_bytes": n * k * 2,
                     "pot_gbs": gbs, "int_gbs": *int_bytes as f64 / int_t[bi] / 1e9, "f16_gbs": (n * k * 2) as f64 / f16_s[bi] / 1e9,
-                    "pot_pct_copy": 100.0 * gbs / copy_gbs,
+                    "pot_pct_copy": 100.0 * gbs / copy_gbs, "pot_pct_read": 100.0 * gbs / read_gbs,
+                    "codes_read_us": pot_read * 1e6, "pot_pct_codes_read": 100.0 * pot_read / pot_t[bi],
                     "pot_vs_f16": f16_s[bi] / pot_t[bi], "pot_vs_int": int_t[bi] / pot_t[bi],
                     "pot_dequant_us": pot_dq * 1e6, "int_dequant_us": int_dq * 1e6,
                 });
                 if !a.json {
                     println!(
-                        "| {shape} | {bits} | {b} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.2} | {:.2} |",
+                        "| {shape} | {bits} | {b} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.0}% | {:.0}% | {:.2} | {:.2} |",
                         f16_s[bi] * 1e6,
                         int_t[bi] * 1e6,
                         pot_t[bi] * 1e6,
                         gbs,
                         100.0 * gbs / copy_gbs,
+                        100.0 * gbs / read_gbs,
+                        100.0 * pot_read / pot_t[bi],
                         f16_s[bi] / pot_t[bi],
                         int_t[bi] / pot_t[bi]
                     );
@@ -298,7 +311,7 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     let decode = if a.no_decode { serde_json::Value::Null } else { decode_step(&a, &kernels, &blas, &stream)? };
     print_json(&json!({
         "device": name, "compute_capability": format!("{maj}.{min}"), "nvrtc_compile_s": compile_s,
-        "copy_gbs": copy_gbs, "group_size": a.group_size, "calls_per_graph": a.calls, "reps": a.reps,
+        "copy_gbs": copy_gbs, "read_gbs": read_gbs, "group_size": a.group_size, "calls_per_graph": a.calls, "reps": a.reps,
         "working_set_mb": a.working_set_mb, "products": rows_out, "decode": decode, "sweep": sweep,
     }));
     Ok(())

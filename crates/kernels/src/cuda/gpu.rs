@@ -20,6 +20,15 @@ pub struct Kernels {
     stream: Arc<CudaStream>,
     funcs: HashMap<String, CudaFunction>,
     copy: CudaFunction,
+    read: CudaFunction,
+    /// Where `read` would write (it never does with real data).
+    sink: CudaSlice<u32>,
+}
+
+/// Blocks of 256 threads for the bandwidth references: eight per SM of the H100/H200, or as
+/// many as the elements need.
+fn reference_grid(elements: usize) -> u32 {
+    elements.div_ceil(256).clamp(1, 132 * 8) as u32
 }
 
 /// The element type of a product's activations and outputs (`qgemm.cu`'s `Io` flags).
@@ -90,7 +99,9 @@ impl Kernels {
             }
         }
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
-        Ok(Self { stream, funcs, copy })
+        let read = module.load_function("read_u4").context("kernel read_u4")?;
+        let sink = stream.alloc_zeros::<u32>(4 * reference_grid(usize::MAX) as usize)?;
+        Ok(Self { stream, funcs, copy, read, sink })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -181,9 +192,24 @@ impl Kernels {
         let (sp, _g1) = src.device_ptr(&self.stream);
         let (dp, _g2) = dst.device_ptr(&self.stream);
         let n = (src.len() / 4) as u64;
-        let cfg = LaunchConfig { grid_dim: (132 * 8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (reference_grid(n as usize), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.copy);
         l.arg(&sp).arg(&dp).arg(&n);
+        unsafe { l.launch(cfg)? };
+        Ok(())
+    }
+
+    /// Reads `src` (16-byte elements, as the products read their codes) and writes nothing:
+    /// the device's read bandwidth, and for a matrix's codes the time any kernel needs just
+    /// to read them once.
+    pub fn read(&self, src: &CudaSlice<u32>) -> Result<()> {
+        ensure!(src.len().is_multiple_of(4), "read: whole 16-byte elements");
+        let (sp, _g1) = src.device_ptr(&self.stream);
+        let (kp, _g2) = self.sink.device_ptr(&self.stream);
+        let n = (src.len() / 4) as u64;
+        let cfg = LaunchConfig { grid_dim: (reference_grid(n as usize), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.read);
+        l.arg(&sp).arg(&kp).arg(&n);
         unsafe { l.launch(cfg)? };
         Ok(())
     }
