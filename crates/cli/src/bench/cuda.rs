@@ -1,7 +1,7 @@
 //! `potptq bench cuda`: the fused PoT and INT dequant-GEMV/GEMM kernels (`potptq_kernels::cuda`)
 //! against cuBLAS f16 (cublasGemmEx, f32 accumulation) on Llama-2 layer shapes, with the
-//! device's copy bandwidth measured in the same run; and the linear layers of one decode step
-//! of a Llama-2-7B-shaped model.
+//! device's copy and read bandwidths, and the time to read each matrix's codes once, measured in
+//! the same run; and the linear layers of one decode step of a Llama-2-7B-shaped model.
 //!
 //! Every measurement captures `--calls` products into a CUDA graph (so host launch overhead
 //! does not hide kernels of a microsecond or two), each call reading a different copy of the
