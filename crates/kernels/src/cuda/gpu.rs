@@ -188,28 +188,27 @@ impl Kernels {
     /// Copies `src` into `dst` (16-byte elements) with a plain kernel: the device's copy
     /// bandwidth, measured beside the products.
     pub fn copy(&self, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>) -> Result<()> {
-        ensure!(src.len() == dst.len() && src.len().is_multiple_of(4), "copy: lengths");
-        let (sp, _g1) = src.device_ptr(&self.stream);
-        let (dp, _g2) = dst.device_ptr(&self.stream);
-        let n = (src.len() / 4) as u64;
-        let cfg = LaunchConfig { grid_dim: (reference_grid(n as usize), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.copy);
-        l.arg(&sp).arg(&dp).arg(&n);
-        unsafe { l.launch(cfg)? };
-        Ok(())
+        ensure!(src.len() == dst.len(), "copy: lengths");
+        let (dp, _g) = dst.device_ptr(&self.stream);
+        self.reference(&self.copy, src, dp)
     }
 
     /// Reads `src` (16-byte elements, as the products read their codes) and writes nothing:
     /// the device's read bandwidth, and for a matrix's codes the time any kernel needs just
     /// to read them once.
     pub fn read(&self, src: &CudaSlice<u32>) -> Result<()> {
-        ensure!(src.len().is_multiple_of(4), "read: whole 16-byte elements");
-        let (sp, _g1) = src.device_ptr(&self.stream);
-        let (kp, _g2) = self.sink.device_ptr(&self.stream);
+        let (kp, _g) = self.sink.device_ptr(&self.stream);
+        self.reference(&self.read, src, kp)
+    }
+
+    /// Launches a bandwidth reference, `f(src, dst, n)` over `src`'s n 16-byte elements.
+    fn reference(&self, f: &CudaFunction, src: &CudaSlice<u32>, dst: u64) -> Result<()> {
+        ensure!(src.len().is_multiple_of(4), "whole 16-byte elements");
+        let (sp, _g) = src.device_ptr(&self.stream);
         let n = (src.len() / 4) as u64;
         let cfg = LaunchConfig { grid_dim: (reference_grid(n as usize), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.read);
-        l.arg(&sp).arg(&kp).arg(&n);
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&sp).arg(&dst).arg(&n);
         unsafe { l.launch(cfg)? };
         Ok(())
     }
