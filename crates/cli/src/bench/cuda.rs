@@ -38,8 +38,9 @@ pub struct CudaArgs {
     /// Skip the decode-step measurement.
     #[arg(long)]
     no_decode: bool,
-    /// Also time every single-token-tile kernel configuration at batch 1 (`sweep` in the JSON):
-    /// the data behind the configuration `config_for` picks.
+    /// Also time, at each batch size (up to 64 tokens), every kernel configuration with the
+    /// fewest token tiles that hold it or twice as many (`sweep` in the JSON): the data behind
+    /// the configuration `config_for` picks.
     #[arg(long)]
     sweep: bool,
     #[arg(long)]
@@ -67,7 +68,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
 use half::f16;
-use potptq_kernels::cuda::gpu::{kernel_name, single_tile_configs, GpuMatrix, Io, Kernels};
+use potptq_kernels::cuda::gpu::{kernel_name, sweep_configs, GpuMatrix, Io, Kernels, MAX_TOKENS};
 use potptq_kernels::cuda::GpuLayout;
 use potptq_quant::Format;
 use rayon::prelude::*;
@@ -254,14 +255,15 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
                 for &b in &a.batch {
                     t.push(timer.time(|i| unsafe { kernels.matmul_raw(&ms[i % ms.len()], xp, yp, b, Io::F16) })?);
                 }
-                if a.sweep {
-                    for c in single_tile_configs() {
-                        let s = timer.time(|i| unsafe { kernels.matmul_raw_with(&ms[i % ms.len()], xp, yp, 1, Io::F16, Some(c)) })?;
+                for &b in a.batch.iter().filter(|_| a.sweep) {
+                    let tokens = b.min(MAX_TOKENS);
+                    for c in sweep_configs(tokens).filter(|c| n.is_multiple_of(16 * c.mr)) {
+                        let s = timer.time(|i| unsafe { kernels.matmul_raw_with(&ms[i % ms.len()], xp, yp, tokens, Io::F16, Some(c)) })?;
                         let name = kernel_name(format == Format::Pot, bits, c);
                         if !a.json {
-                            println!("sweep {shape} {name}: {:.2} µs, {:.0} GB/s", s * 1e6, l.weight_bytes() as f64 / s / 1e9);
+                            println!("sweep {shape} {tokens} tokens {name}: {:.2} µs, {:.0} GB/s", s * 1e6, l.weight_bytes() as f64 / s / 1e9);
                         }
-                        sweep.push(json!({"shape": shape, "bits": bits, "kernel": name, "us": s * 1e6, "gbs": l.weight_bytes() as f64 / s / 1e9}));
+                        sweep.push(json!({"shape": shape, "bits": bits, "tokens": tokens, "kernel": name, "us": s * 1e6, "gbs": l.weight_bytes() as f64 / s / 1e9}));
                     }
                 }
                 let dequant_s = timer.time(|i| unsafe { kernels.dequantize_raw(&ms[i % ms.len()], dense_p) })?;

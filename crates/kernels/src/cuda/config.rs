@@ -58,9 +58,11 @@ pub const CONFIGS: [Config; 18] = [
     c(2, 8, 4, 2),
 ];
 
-/// The single-token-tile (1–8 tokens) instantiations, which `bench cuda --sweep` compares.
-pub fn single_tile_configs() -> impl Iterator<Item = Config> {
-    CONFIGS.into_iter().filter(|c| c.nt == 1)
+/// The instantiations `bench cuda --sweep` compares for `tokens` tokens in one launch: those
+/// with the fewest token tiles that hold them, and those with twice as many.
+pub fn sweep_configs(tokens: usize) -> impl Iterator<Item = Config> {
+    let least = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
+    CONFIGS.into_iter().filter(move |c| c.nt == least || c.nt == 2 * least)
 }
 
 /// The configuration for `tokens` (≤ 64) tokens at `bits`: one token tile per 8 tokens. One

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-pub use super::config::{config_for, kernel_name, single_tile_configs, Config, CONFIGS, MAX_TOKENS};
+pub use super::config::{config_for, kernel_name, sweep_configs, Config, CONFIGS, MAX_TOKENS};
 use super::layout::{GpuLayout, TILE_COLS, TILE_ROWS};
 use super::SOURCE;
 
