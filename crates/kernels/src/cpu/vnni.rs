@@ -146,20 +146,20 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
             }
             b += 2;
         }
-        let mut single = [_mm256_setzero_ps(); R];
+        // Only a row's last group can end in a single block.
         if b < b1 {
             let xq = _mm256_loadu_si256(qp.add(b * BLOCK) as *const __m256i);
             let d = _mm256_broadcast_ss(&*dp.add(b));
             for i in 0..R {
                 let p = avx2::q8_block::<B, INT>(avx2::q8_codes::<B>(rows[i].add(b * 4 * B)), xq, t1, t2);
-                single[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(p), d);
+                let single = _mm256_mul_ps(_mm256_cvtepi32_ps(p), d);
+                acc_single[i] = _mm256_fmadd_ps(single, _mm256_set1_ps(scales[i * gpr + g]), acc_single[i]);
             }
         }
         let group_sum = a.group_sums[g];
         for i in 0..R {
             let s = scales[i * gpr + g];
             acc[i] = _mm512_fmadd_ps(sums[i], _mm512_set1_ps(s), acc[i]);
-            acc_single[i] = _mm256_fmadd_ps(single[i], _mm256_set1_ps(s), acc_single[i]);
             scalar[i] += if INT { offsets[i * gpr + g] * group_sum } else { -level_offset * s * group_sum };
         }
     }
