@@ -35,6 +35,10 @@ pub struct CudaArgs {
     /// f16 output projection) with random PoT weights at these bits, against all-f16.
     #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
     decode_bits: Vec<u8>,
+    /// Launch each product only after the previous one has ended (no programmatic dependent
+    /// launch, which lets a product load its weights while the previous one finishes).
+    #[arg(long)]
+    no_dependent_launch: bool,
     /// Skip the decode-step measurement.
     #[arg(long)]
     no_decode: bool,
@@ -190,7 +194,10 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
         ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
     let t0 = std::time::Instant::now();
-    let kernels = Kernels::new(stream.clone())?;
+    let mut kernels = Kernels::new(stream.clone())?;
+    if a.no_dependent_launch {
+        kernels.set_dependent_launch(false)?;
+    }
     let compile_s = t0.elapsed().as_secs_f64();
     let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
     let timer = Timer { stream: stream.clone(), calls: a.calls, reps: a.reps };
@@ -208,7 +215,7 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     };
     let (copy_gbs, read_gbs) = copy_gbs;
     if !a.json {
-        println!("device: {name} (sm_{maj}{min}); NVRTC compile {compile_s:.1} s; copy bandwidth {copy_gbs:.0} GB/s (read + write), read bandwidth {read_gbs:.0} GB/s");
+        println!("device: {name} (sm_{maj}{min}); NVRTC compile {compile_s:.1} s; copy bandwidth {copy_gbs:.0} GB/s (read + write), read bandwidth {read_gbs:.0} GB/s; dependent launch {}", if kernels.dependent_launch() { "on" } else { "off" });
     }
 
     if !a.json {
@@ -313,7 +320,7 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     let decode = if a.no_decode { serde_json::Value::Null } else { decode_step(&a, &kernels, &blas, &stream)? };
     print_json(&json!({
         "device": name, "compute_capability": format!("{maj}.{min}"), "nvrtc_compile_s": compile_s,
-        "copy_gbs": copy_gbs, "read_gbs": read_gbs, "group_size": a.group_size, "calls_per_graph": a.calls, "reps": a.reps,
+        "copy_gbs": copy_gbs, "read_gbs": read_gbs, "dependent_launch": kernels.dependent_launch(), "group_size": a.group_size, "calls_per_graph": a.calls, "reps": a.reps,
         "working_set_mb": a.working_set_mb, "products": rows_out, "decode": decode, "sweep": sweep,
     }));
     Ok(())

@@ -18,6 +18,8 @@ fn dequant_name(pot: bool, bits: u8) -> String {
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {
     stream: Arc<CudaStream>,
+    /// Products launch with programmatic dependent launch (`qgemm.cu`, sm_90 and newer).
+    dependent_launch: bool,
     funcs: HashMap<String, CudaFunction>,
     copy: CudaFunction,
     read: CudaFunction,
@@ -66,15 +68,23 @@ pub struct GpuMatrix {
     pub weight_bytes: usize,
 }
 
-/// PTX of `qgemm.cu` (compute_80: mma.sync m16n8k16 and the L1 cache hints).
+/// PTX of `qgemm.cu` for compute_80 (mma.sync m16n8k16 and the L1 cache hints).
 pub fn compile() -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
-    let opts = CompileOptions { arch: Some("compute_80"), name: Some("qgemm.cu".into()), ..Default::default() };
+    compile_for("compute_80")
+}
+
+/// PTX of `qgemm.cu` for `arch` (compute_90 adds the dependent-launch instructions).
+pub fn compile_for(arch: &'static str) -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
+    let opts = CompileOptions { arch: Some(arch), name: Some("qgemm.cu".into()), ..Default::default() };
     compile_ptx_with_opts(SOURCE, opts).map_err(|e| anyhow::anyhow!("NVRTC: {e:?}"))
 }
 
 impl Kernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        let ptx = compile()?;
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+        let major = stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
+        let dependent_launch = major >= 9;
+        let ptx = compile_for(if dependent_launch { "compute_90" } else { "compute_80" })?;
         let module = stream.context().load_module(ptx).context("loading qgemm PTX")?;
         let mut funcs = HashMap::new();
         for pot in [true, false] {
@@ -101,7 +111,22 @@ impl Kernels {
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
         let read = module.load_function("read_u4").context("kernel read_u4")?;
         let sink = stream.alloc_zeros::<u32>(4 * reference_grid(usize::MAX) as usize)?;
-        Ok(Self { stream, funcs, copy, read, sink })
+        Ok(Self { stream, dependent_launch, funcs, copy, read, sink })
+    }
+
+    /// Whether products launch with programmatic dependent launch (on by default on sm_90 and
+    /// newer; off, each product waits for the previous launch to end before it starts).
+    pub fn dependent_launch(&self) -> bool {
+        self.dependent_launch
+    }
+
+    /// Turns dependent launch off (or back on, where the GPU has it), for comparisons.
+    pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+        let major = self.stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
+        ensure!(!on || major >= 9, "dependent launch needs sm_90 or newer");
+        self.dependent_launch = on;
+        Ok(())
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -159,11 +184,45 @@ impl Kernels {
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
             let (bi, flags) = (b as i32, io.flags());
             let cfg = LaunchConfig { grid_dim: ((w.rows / TILE_ROWS / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
-            l.launch(cfg)?;
+            // One token tile only: a block of many tokens is one of several an SM holds, and a
+            // launch started early took SMs unevenly (measured slower at 16 tokens).
+            if self.dependent_launch && c.nt == 1 {
+                let mut args: [*mut std::ffi::c_void; 9] = [&wp, &mp, &xp, &yp].map(|p| p as *const u64 as *mut std::ffi::c_void).into_iter().chain([&n, &k, &bi, &tpg, &flags].map(|p| p as *const i32 as *mut std::ffi::c_void)).collect::<Vec<_>>().try_into().expect("nine arguments");
+                self.launch_dependent(f, cfg, &mut args)?;
+            } else {
+                let mut l = self.stream.launch_builder(f);
+                l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
+                l.launch(cfg)?;
+            }
             done += b;
         }
+        Ok(())
+    }
+
+    /// Launches `f` on this stream allowed to start before the previous launch ends
+    /// (programmatic stream serialization): the kernel waits for it before reading what it
+    /// may have written (`qgemm.cu`).
+    ///
+    /// # Safety
+    /// `args` must point to `f`'s arguments, in order and of its types.
+    unsafe fn launch_dependent(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result().context("cuLaunchKernelEx")?;
         Ok(())
     }
 

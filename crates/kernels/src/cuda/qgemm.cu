@@ -160,6 +160,22 @@ __device__ __forceinline__ void load_words(u32 (&w)[BITS], const u32* wp) {
     }
 }
 
+// Programmatic dependent launch (sm_90, when the host launches with it; no-ops otherwise): a
+// product lets the next launch start as soon as it has begun, and reads nothing another
+// kernel writes (activations) nor writes its outputs before the previous launch is done. Its
+// codes and scales, which nothing writes, are loaded before that: the next product's first
+// loads overlap this one's last tiles and reduction.
+__device__ __forceinline__ void let_next_launch_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // The group of K tile kt: a shift when the tiles per group are a power of two.
 __device__ __forceinline__ int group_of(int kt, int group_shift, int tiles_per_group) {
     return group_shift >= 0 ? kt >> group_shift : kt / tiles_per_group;
@@ -236,7 +252,7 @@ struct Cursor {
 
 template <int BITS, int MR, int NT, int KS>
 __device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, const Io& io, const u32* __restrict__ meta_rows,
-                                          size_t row_tile_words, int N, int group_shift, int tiles_per_group) {
+                                          size_t row_tile_words, int N, int group_shift, int tiles_per_group, bool with_x = true) {
     const int grp = group_of(c.kt, group_shift, tiles_per_group);
 #pragma unroll
     for (int m = 0; m < MR; m++) {
@@ -245,7 +261,7 @@ __device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, con
         tl.meta[m][0] = ld_nc(mp);
         tl.meta[m][1] = ld_nc(mp + 8);
     }
-    if (NT == 1) load_x(tl.x, io, c.x);
+    if (NT == 1 && with_x) load_x(tl.x, io, c.x);
     c.w += KS * BITS * 32;
     c.x += KS * 64;
     c.kt += KS;
@@ -341,9 +357,15 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
             for (int j = 0; j < 4; j++) acc[m][nt][j] = 0.f;
 
     Tile<BITS, MR, NT> tl[U];
+    const size_t x0 = next.x;
 #pragma unroll
     for (int u = 0; u < U; u++)
-        if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+        if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group, false);
+    let_next_launch_start();
+    wait_for_previous_launch();
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (NT == 1 && u < count) load_x(tl[u].x, io, x0 + (size_t)u * KS * 64);
     for (int j0 = 0; j0 < count; j0 += U) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -428,6 +450,8 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
         if (st < count) issue(st);
         cp_async_commit();
     }
+    let_next_launch_start();
+    wait_for_previous_launch();
     for (int j = 0; j < count; j++) {
         if (j + S - 1 < count) issue((j + S - 1) % S);
         cp_async_commit();
