@@ -149,4 +149,20 @@ mod tests {
         assert_eq!(config_for(1, 28672, 4), ring(2, 16, 4));
         assert_eq!(config_for(64, 4096, 4), c(2, 8, 4, 2));
     }
+
+    /// The sweep for a batch holds the configuration `config_for` picks for it, and only
+    /// configurations whose token tiles hold the batch.
+    #[test]
+    fn the_sweep_covers_the_choice() {
+        for tokens in 1..=MAX_TOKENS {
+            let sweep: Vec<Config> = sweep_configs(tokens).collect();
+            assert!(sweep.iter().all(|c| c.nt * 8 >= tokens), "{tokens} tokens: {sweep:?}");
+            for rows in [4096, 11008, 28672] {
+                for bits in 2..=4u8 {
+                    assert!(sweep.contains(&config_for(tokens, rows, bits)), "{tokens} tokens, {rows} rows, {bits} bits");
+                }
+            }
+        }
+        assert_eq!(sweep_configs(1).filter(|c| c.nt == 1).count(), CONFIGS.iter().filter(|c| c.nt == 1).count());
+    }
 }
