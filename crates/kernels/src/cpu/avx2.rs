@@ -578,6 +578,20 @@ pub(super) fn q8_tail(m: &PackedMatrix, r: usize, a: &Q8Activations) -> f32 {
     a.d[start / BLOCK] * m.scales()[r * l.groups_per_row() + start / l.group_size] * dot as f32
 }
 
+/// What the activations' group sums add to row `r`'s Q8 product, summed group by group: INT
+/// the offsets' `Σ_g offset_g·Σq_g` (the zero-points), PoT `−o·Σ_g s_g·Σq_g` (`o` the tables'
+/// level offset, `q8_level_offset`). The AVX2 and VNNI row kernels share it.
+pub(super) fn q8_group_terms(m: &PackedMatrix, r: usize, a: &Q8Activations, int: bool) -> f32 {
+    let gpr = m.layout().groups_per_row();
+    let level_offset = if int { 0.0 } else { q8_level_offset(m.bits() as usize) };
+    let (scales, offsets) = (&m.scales()[r * gpr..(r + 1) * gpr], if int { &m.offsets()[r * gpr..(r + 1) * gpr] } else { &[][..] });
+    let mut sum = 0f32;
+    for (g, &group_sum) in a.group_sums.iter().enumerate() {
+        sum += if int { offsets[g] * group_sum } else { -level_offset * scales[g] * group_sum };
+    }
+    sum
+}
+
 /// `Σ_c W[r, c]·x[c]` for the `R` rows from `r0` against Q8 activations (`supports_q8(m)`),
 /// into `out[..R]`: each block's activations are loaded once for all `R` rows, and the `R`
 /// independent sums hide the latency of the scaling FMAs.
@@ -592,12 +606,10 @@ unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &Packe
     let l = m.layout();
     let gpr = l.groups_per_row();
     let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
-    let super::RowBlock { rows, scales, offsets } = super::RowBlock::<R>::new(m, r0, INT);
+    let super::RowBlock { rows, scales, .. } = super::RowBlock::<R>::new(m, r0, INT);
     let (t1, t2) = q8_tables::<B>();
-    let level_offset = if INT { 0.0 } else { q8_level_offset(B) };
     let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
     let mut acc = [_mm256_setzero_ps(); R];
-    let mut scalar = [0f32; R];
     for g in 0..gpr {
         let (b0, b1) = (g * per_group, ((g + 1) * per_group).min(full));
         let mut sums = [_mm256_setzero_ps(); R];
@@ -610,16 +622,13 @@ unsafe fn dot_q8_rows<const B: usize, const R: usize, const INT: bool>(m: &Packe
                 sums[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, sums[i]);
             }
         }
-        let group_sum = a.group_sums[g];
         for i in 0..R {
-            let s = scales[i * gpr + g];
-            acc[i] = _mm256_fmadd_ps(sums[i], _mm256_set1_ps(s), acc[i]);
-            scalar[i] += if INT { offsets[i * gpr + g] * group_sum } else { -level_offset * s * group_sum };
+            acc[i] = _mm256_fmadd_ps(sums[i], _mm256_set1_ps(scales[i * gpr + g]), acc[i]);
         }
     }
     // A short last block (INT zero-point included) is done in integers by `q8_tail`.
     for i in 0..R {
-        out[i] = hsum(acc[i]) + scalar[i] + q8_tail(m, r0 + i, a);
+        out[i] = hsum(acc[i]) + q8_group_terms(m, r0 + i, a, INT) + q8_tail(m, r0 + i, a);
     }
 }
 

@@ -116,14 +116,12 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
     let l = m.layout();
     let gpr = l.groups_per_row();
     let (full, per_group) = (l.cols / BLOCK, l.group_size / BLOCK);
-    let super::RowBlock { rows, scales, offsets } = super::RowBlock::<R>::new(m, r0, INT);
+    let super::RowBlock { rows, scales, .. } = super::RowBlock::<R>::new(m, r0, INT);
     let table = _mm512_loadu_si512(TABLES[INT as usize][B - 2].as_ptr() as *const _);
     let (t1, t2) = avx2::q8_tables::<B>();
-    let level_offset = if INT { 0.0 } else { avx2::q8_level_offset(B) };
     let (qp, dp) = (a.q.as_ptr(), a.d.as_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
     let mut acc_single = [_mm256_setzero_ps(); R];
-    let mut scalar = [0f32; R];
     for g in 0..gpr {
         let (b0, b1) = (g * per_group, ((g + 1) * per_group).min(full));
         let mut sums = [_mm512_setzero_ps(); R];
@@ -156,16 +154,13 @@ unsafe fn dot_rows<const B: usize, const R: usize, const INT: bool>(m: &PackedMa
                 acc_single[i] = _mm256_fmadd_ps(single, _mm256_set1_ps(scales[i * gpr + g]), acc_single[i]);
             }
         }
-        let group_sum = a.group_sums[g];
         for i in 0..R {
-            let s = scales[i * gpr + g];
-            acc[i] = _mm512_fmadd_ps(sums[i], _mm512_set1_ps(s), acc[i]);
-            scalar[i] += if INT { offsets[i * gpr + g] * group_sum } else { -level_offset * s * group_sum };
+            acc[i] = _mm512_fmadd_ps(sums[i], _mm512_set1_ps(scales[i * gpr + g]), acc[i]);
         }
     }
     // A short last block (INT zero-point included) is done in integers by `q8_tail`.
     for i in 0..R {
-        out[i] = _mm512_reduce_add_ps(acc[i]) + avx2::hsum(acc_single[i]) + scalar[i] + avx2::q8_tail(m, r0 + i, a);
+        out[i] = _mm512_reduce_add_ps(acc[i]) + avx2::hsum(acc_single[i]) + avx2::q8_group_terms(m, r0 + i, a, INT) + avx2::q8_tail(m, r0 + i, a);
     }
 }
 
