@@ -203,8 +203,8 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     let timer = Timer { stream: stream.clone(), calls: a.calls, reps: a.reps };
     let working_set = a.working_set_mb << 20;
 
-    // Copy bandwidth: 1 GiB → 1 GiB, bytes read + written.
-    let copy_gbs = {
+    // Copy bandwidth: 1 GiB → 1 GiB, bytes read + written; read bandwidth: 1 GiB read.
+    let (copy_gbs, read_gbs) = {
         let n = 1usize << 28;
         let src = stream.alloc_zeros::<u32>(n)?;
         let mut dst = stream.alloc_zeros::<u32>(n)?;
@@ -213,7 +213,6 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
         let r = t.time(|_| kernels.read(&src))?;
         (2.0 * 4.0 * n as f64 / s / 1e9, 4.0 * n as f64 / r / 1e9)
     };
-    let (copy_gbs, read_gbs) = copy_gbs;
     if !a.json {
         println!("device: {name} (sm_{maj}{min}); NVRTC compile {compile_s:.1} s; copy bandwidth {copy_gbs:.0} GB/s (read + write), read bandwidth {read_gbs:.0} GB/s; dependent launch {}", if kernels.dependent_launch() { "on" } else { "off" });
     }
@@ -282,8 +281,6 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
             let (pot_bytes, pot_t, pot_dq, pot_read) = &quant[1];
             if !a.json {
                 println!("read {shape} {bits}-bit PoT codes once: {:.1} µs", pot_read * 1e6);
-            }
-            if !a.json {
                 println!("dequantize {shape} {bits}-bit to f16 (for more than 64 tokens): PoT {:.1} µs, INT {:.1} µs", pot_dq * 1e6, int_dq * 1e6);
             }
             for (bi, &b) in a.batch.iter().enumerate() {

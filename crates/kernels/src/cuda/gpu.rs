@@ -18,7 +18,10 @@ fn dequant_name(pot: bool, bits: u8) -> String {
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {
     stream: Arc<CudaStream>,
-    /// Products launch with programmatic dependent launch (`qgemm.cu`, sm_90 and newer).
+    /// The GPU has programmatic dependent launch (sm_90 and newer), and the kernels were
+    /// compiled for it.
+    can_launch_dependent: bool,
+    /// Products launch with it (`qgemm.cu`).
     dependent_launch: bool,
     funcs: HashMap<String, CudaFunction>,
     copy: CudaFunction,
@@ -83,8 +86,8 @@ impl Kernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
         let major = stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
-        let dependent_launch = major >= 9;
-        let ptx = compile_for(if dependent_launch { "compute_90" } else { "compute_80" })?;
+        let can_launch_dependent = major >= 9;
+        let ptx = compile_for(if can_launch_dependent { "compute_90" } else { "compute_80" })?;
         let module = stream.context().load_module(ptx).context("loading qgemm PTX")?;
         let mut funcs = HashMap::new();
         for pot in [true, false] {
@@ -111,7 +114,7 @@ impl Kernels {
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
         let read = module.load_function("read_u4").context("kernel read_u4")?;
         let sink = stream.alloc_zeros::<u32>(4 * reference_grid(usize::MAX) as usize)?;
-        Ok(Self { stream, dependent_launch, funcs, copy, read, sink })
+        Ok(Self { stream, can_launch_dependent, dependent_launch: can_launch_dependent, funcs, copy, read, sink })
     }
 
     /// Whether products launch with programmatic dependent launch (on by default on sm_90 and
@@ -122,9 +125,7 @@ impl Kernels {
 
     /// Turns dependent launch off (or back on, where the GPU has it), for comparisons.
     pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
-        let major = self.stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
-        ensure!(!on || major >= 9, "dependent launch needs sm_90 or newer");
+        ensure!(!on || self.can_launch_dependent, "dependent launch needs sm_90 or newer");
         self.dependent_launch = on;
         Ok(())
     }
@@ -187,7 +188,10 @@ impl Kernels {
             // One token tile only: a block of many tokens is one of several an SM holds, and a
             // launch started early took SMs unevenly (measured slower at 16 tokens).
             if self.dependent_launch && c.nt == 1 {
-                let mut args: [*mut std::ffi::c_void; 9] = [&wp, &mp, &xp, &yp].map(|p| p as *const u64 as *mut std::ffi::c_void).into_iter().chain([&n, &k, &bi, &tpg, &flags].map(|p| p as *const i32 as *mut std::ffi::c_void)).collect::<Vec<_>>().try_into().expect("nine arguments");
+                fn arg<T>(v: &T) -> *mut std::ffi::c_void {
+                    v as *const T as *mut std::ffi::c_void
+                }
+                let mut args = [arg(&wp), arg(&mp), arg(&xp), arg(&yp), arg(&n), arg(&k), arg(&bi), arg(&tpg), arg(&flags)];
                 self.launch_dependent(f, cfg, &mut args)?;
             } else {
                 let mut l = self.stream.launch_builder(f);
