@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use half::f16;
-use potptq_kernels::cuda::gpu::{compile, Io, Kernels, CONFIGS};
+use potptq_kernels::cuda::gpu::{compile, compile_for, Io, Kernels, CONFIGS};
 use potptq_kernels::cuda::{reference_matmul, GpuLayout};
 use potptq_kernels::PackedMatrix;
 use potptq_quant::{quantize_rtn, Format, GroupLayout};
@@ -26,8 +26,15 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 fn nvrtc_compiles_the_kernels() {
     match std::panic::catch_unwind(compile) {
         Ok(ptx) => {
-            let ptx = ptx.unwrap();
-            assert!(ptx.to_src().contains("mma.sync.aligned.m16n8k16"));
+            let ptx = ptx.unwrap().to_src();
+            assert!(ptx.contains("mma.sync.aligned.m16n8k16"));
+            assert!(ptx.contains(".entry pot_b2_") && ptx.contains(".entry int_b4_"));
+            // One format's kernels, or only the bandwidth references.
+            let one = compile_for("compute_80", Some(Some((true, 3)))).unwrap().to_src();
+            assert!(one.contains(".entry pot_b3_") && one.contains(".entry pot_dequant_b3"));
+            assert!(!one.contains(".entry pot_b2_") && !one.contains(".entry int_b3_"));
+            let none = compile_for("compute_80", None).unwrap().to_src();
+            assert!(none.contains(".entry copy_u4") && !none.contains(".entry pot_"));
         }
         Err(_) => eprintln!("NVRTC library not found: compilation not tested"),
     }

@@ -18,7 +18,7 @@ use potptq_kernels::PackedMatrix;
 
 use crate::kernel_ops::output_shape;
 
-/// The fused kernels of one device. NVRTC compiles them in seconds, so once per process.
+/// The fused kernels of one device, once per process (each code format compiled on first use).
 fn kernels(dev: &CudaDevice) -> Result<Arc<Kernels>> {
     static CACHE: OnceLock<Mutex<HashMap<DeviceId, Arc<Kernels>>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().map_err(|_| anyhow::anyhow!("kernel cache poisoned"))?;
@@ -53,6 +53,8 @@ impl GpuPacked {
         let layout = GpuLayout::from_packed(m)?;
         let kernels = kernels(dev)?;
         let matrix = kernels.upload(&layout)?;
+        // Its format's kernels are compiled now rather than in the first product.
+        kernels.prepare(matrix.pot, matrix.bits)?;
         Ok(Self { kernels, matrix })
     }
 }

@@ -1,13 +1,13 @@
 //! Host side of `qgemm.cu`: NVRTC compilation at run time, uploads, launches.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-pub use super::config::{config_for, kernel_name, sweep_configs, Config, CONFIGS, MAX_TOKENS};
+pub use super::config::{config_for, kernel_name, sweep_configs, Config, CONFIGS, MAX_TOKENS, X_SHARED_MAX_COLS};
 use super::layout::{GpuLayout, TILE_COLS, TILE_ROWS};
 use super::SOURCE;
 
@@ -18,12 +18,15 @@ fn dequant_name(pot: bool, bits: u8) -> String {
 /// `qgemm.cu` compiled for the GPU of `stream`.
 pub struct Kernels {
     stream: Arc<CudaStream>,
+    /// The virtual architecture the kernels are compiled for.
+    arch: &'static str,
     /// The GPU has programmatic dependent launch (sm_90 and newer), and the kernels were
     /// compiled for it.
     can_launch_dependent: bool,
     /// Products launch with it (`qgemm.cu`).
     dependent_launch: bool,
-    funcs: HashMap<String, CudaFunction>,
+    /// Each code format's kernels (PoT or INT, and bits), compiled on first use (`prepare`).
+    formats: Mutex<HashMap<(bool, u8), Arc<Functions>>>,
     copy: CudaFunction,
     read: CudaFunction,
     /// Where `read` would write (it never does with real data).
@@ -71,14 +74,26 @@ pub struct GpuMatrix {
     pub weight_bytes: usize,
 }
 
-/// PTX of `qgemm.cu` for compute_80 (mma.sync m16n8k16 and the L1 cache hints).
+/// The kernels of one code format, by name.
+type Functions = HashMap<String, CudaFunction>;
+
+/// PTX of all of `qgemm.cu` for compute_80 (mma.sync m16n8k16 and the L1 cache hints).
 pub fn compile() -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
-    compile_for("compute_80")
+    compile_for("compute_80", Some(None))
 }
 
-/// PTX of `qgemm.cu` for `arch` (compute_90 adds the dependent-launch instructions).
-pub fn compile_for(arch: &'static str) -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
-    let opts = CompileOptions { arch: Some(arch), name: Some("qgemm.cu".into()), ..Default::default() };
+/// PTX of `qgemm.cu` for `arch` (compute_90 adds the dependent-launch instructions): with
+/// `formats` `Some(Some((pot, bits)))` one code format's kernels, `Some(None)` every format's,
+/// `None` only the bandwidth references. The driver turns each kernel of a module into
+/// machine code when it loads it (half a minute for all of them on a machine that has not
+/// cached them), so a model loads only its format's.
+pub fn compile_for(arch: &'static str, formats: Option<Option<(bool, u8)>>) -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
+    let options = match formats {
+        Some(None) => vec![],
+        Some(Some((pot, bits))) => vec![format!("-DONLY_POT={}", pot as u8), format!("-DONLY_BITS={bits}")],
+        None => vec!["-DONLY_POT=0".into(), "-DONLY_BITS=0".into()],
+    };
+    let opts = CompileOptions { arch: Some(arch), name: Some("qgemm.cu".into()), options, ..Default::default() };
     compile_ptx_with_opts(SOURCE, opts).map_err(|e| anyhow::anyhow!("NVRTC: {e:?}"))
 }
 
@@ -87,34 +102,41 @@ impl Kernels {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
         let major = stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
         let can_launch_dependent = major >= 9;
-        let ptx = compile_for(if can_launch_dependent { "compute_90" } else { "compute_80" })?;
-        let module = stream.context().load_module(ptx).context("loading qgemm PTX")?;
-        let mut funcs = HashMap::new();
-        for pot in [true, false] {
-            for bits in 2..=4u8 {
-                for c in CONFIGS {
-                    let name = kernel_name(pot, bits, c);
-                    let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
-                    let shared = c.shared_bytes(bits);
-                    if shared > 48 * 1024 {
-                        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).with_context(|| format!("{name}: {shared} bytes of shared memory"))?;
-                    }
-                    funcs.insert(name, f);
-                }
-            }
-        }
-        for pot in [true, false] {
-            for bits in 2..=4u8 {
-                let name = dequant_name(pot, bits);
-                let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
-                funcs.insert(name, f);
-            }
-        }
+        let arch = if can_launch_dependent { "compute_90" } else { "compute_80" };
+        let module = stream.context().load_module(compile_for(arch, None)?).context("loading qgemm PTX")?;
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
         let read = module.load_function("read_u4").context("kernel read_u4")?;
         let sink = stream.alloc_zeros::<u32>(4 * reference_grid(usize::MAX) as usize)?;
-        Ok(Self { stream, can_launch_dependent, dependent_launch: can_launch_dependent, funcs, copy, read, sink })
+        let formats = Mutex::new(HashMap::new());
+        Ok(Self { stream, arch, can_launch_dependent, dependent_launch: can_launch_dependent, formats, copy, read, sink })
+    }
+
+    /// Compiles and loads the kernels of PoT (`pot`) or INT codes at `bits`, unless done
+    /// before: products of that format do it on first use, this does it ahead.
+    pub fn prepare(&self, pot: bool, bits: u8) -> Result<Arc<Functions>> {
+        ensure!((2..=4).contains(&bits), "no kernels for {bits}-bit codes");
+        let mut formats = self.formats.lock().map_err(|_| anyhow::anyhow!("kernel table poisoned"))?;
+        if let Some(f) = formats.get(&(pot, bits)) {
+            return Ok(f.clone());
+        }
+        let ptx = compile_for(self.arch, Some(Some((pot, bits))))?;
+        let module = self.stream.context().load_module(ptx).context("loading qgemm PTX")?;
+        let mut funcs = HashMap::new();
+        for c in CONFIGS {
+            let name = kernel_name(pot, bits, c);
+            let f = module.load_function(&name).with_context(|| format!("kernel {name}"))?;
+            let shared = c.shared_bytes(bits, X_SHARED_MAX_COLS);
+            if shared > 48 * 1024 {
+                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).with_context(|| format!("{name}: {shared} bytes of shared memory"))?;
+            }
+            funcs.insert(name, f);
+        }
+        let name = dequant_name(pot, bits);
+        funcs.insert(name.clone(), module.load_function(&name).with_context(|| format!("kernel {name}"))?);
+        let funcs = Arc::new(funcs);
+        formats.insert((pot, bits), funcs.clone());
+        Ok(funcs)
     }
 
     /// Whether products launch with programmatic dependent launch (on by default on sm_90 and
@@ -176,15 +198,18 @@ impl Kernels {
         let (wp, _g1) = w.words.device_ptr(&self.stream);
         let (mp, _g2) = w.meta.device_ptr(&self.stream);
         let (n, k, tpg) = (w.rows as i32, w.cols as i32, (w.group / TILE_COLS) as i32);
+        let funcs = self.prepare(w.pot, w.bits)?;
         let mut done = 0;
         while done < tokens {
-            let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.nt * 8));
-            let c = config.unwrap_or_else(|| config_for(b, w.rows, w.bits));
+            let b = (tokens - done).min(config.map_or(MAX_TOKENS, |c| c.max_tokens()));
+            let c = config.unwrap_or_else(|| config_for(b, w.rows, w.cols, w.bits, w.pot));
             ensure!(w.rows.is_multiple_of(TILE_ROWS * c.mr), "configuration {c:?} needs rows in multiples of {}", TILE_ROWS * c.mr);
-            let f = &self.funcs[&kernel_name(w.pot, w.bits, c)];
+            ensure!(c.fits(b, w.cols), "configuration {c:?} cannot take {b} tokens of {} columns", w.cols);
+            let name = kernel_name(w.pot, w.bits, c);
+            let f = funcs.get(&name).with_context(|| format!("no kernel {name}"))?;
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
             let (bi, flags) = (b as i32, io.flags());
-            let cfg = LaunchConfig { grid_dim: ((w.rows / TILE_ROWS / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits) as u32 };
+            let cfg = LaunchConfig { grid_dim: ((w.rows / TILE_ROWS / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits, w.cols) as u32 };
             // One token tile only: a block of many tokens is one of several an SM holds, and a
             // launch started early took SMs unevenly (measured slower at 16 tokens).
             if self.dependent_launch && c.nt == 1 {
@@ -242,7 +267,10 @@ impl Kernels {
         let tiles = (w.rows / TILE_ROWS) * (w.cols / TILE_COLS);
         let blocks = tiles.div_ceil(8).clamp(1, 132 * 16) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.funcs[&dequant_name(w.pot, w.bits)]);
+        let name = dequant_name(w.pot, w.bits);
+        let funcs = self.prepare(w.pot, w.bits)?;
+        let f = funcs.get(&name).with_context(|| format!("no kernel {name}"))?;
+        let mut l = self.stream.launch_builder(f);
         l.arg(&wp).arg(&mp).arg(&out).arg(&n).arg(&k).arg(&tpg);
         l.launch(cfg)?;
         Ok(())

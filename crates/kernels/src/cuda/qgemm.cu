@@ -6,10 +6,12 @@
 // A block owns MR row tiles (16·MR rows); its KS warps split the K tiles between them (warp w
 // takes tiles w, w+KS, ...) and add their partial sums in shared memory at the end. A warp
 // keeps U tiles in flight in registers: when it has used a tile, it loads the one U ahead
-// into the same registers (or, `qgemv_async_body`, in a ring of shared-memory stages). Each lane decodes its pairs of weights straight into the A
-// fragments of the mma, unscaled: PoT as 0x4000·0x10001 | fields (±2^(1+E), one lop3 after
-// the rotation), INT as (fields | 0x6400·0x10001) − (1024 + z) (the exact q − z). The group
-// scale multiplies each tile's f32 partial sums.
+// into the same registers (or, `qgemv_async_body`, in a ring of shared-memory stages); for
+// one token the activations may wait in shared memory instead (`stage_x`). Each lane decodes
+// its pairs of weights straight into the A fragments of the mma, unscaled: PoT as
+// 0x4000·0x10001 | fields (±2^(1+E), one lop3 after the rotation), INT as
+// (fields | 0x6400·0x10001) − (1024 + z) (the exact q − z). The group scale multiplies each
+// tile's f32 partial sums.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -270,13 +272,17 @@ __device__ __forceinline__ void load_tile(Tile<BITS, MR, NT>& tl, Cursor& c, con
 // With more than one token tile, the activations are loaded here (lane t's start at column
 // 16·t of the tile), and a lane whose token is past the last reads the last token's (its
 // products land in output columns that are never stored).
-template <int BITS, bool POT, int MR, int NT>
+template <int BITS, bool POT, int MR, int NT, bool XS = false>
 __device__ __forceinline__ void compute_tile(float (&acc)[MR][NT][4], const Tile<BITS, MR, NT>& tl, const Io& io,
-                                             int K, int B, int g, int t, int kt) {
+                                             int K, int B, int g, int t, int kt, const u32* xs = nullptr) {
     u32 xb[NT][8];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-        if (NT == 1) {
+        if (XS) {
+            const uint4 a = *(const uint4*)(xs + kt * 32 + 8 * t), b = *(const uint4*)(xs + kt * 32 + 8 * t + 4);
+            xb[nt][0] = a.x; xb[nt][1] = a.y; xb[nt][2] = a.z; xb[nt][3] = a.w;
+            xb[nt][4] = b.x; xb[nt][5] = b.y; xb[nt][6] = b.z; xb[nt][7] = b.w;
+        } else if (NT == 1) {
 #pragma unroll
             for (int i = 0; i < 8; i++) xb[nt][i] = tl.x[i];
         } else {
@@ -339,7 +345,19 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[MR][NT][4], floa
     }
 }
 
-template <int BITS, bool POT, int MR, int NT, int KS, int U>
+// One token's activations (B = 1) as f16 in shared memory, `xs` (K/2 words): copied once by
+// the whole block, so that the tiles in flight hold only codes and scales.
+__device__ __forceinline__ void stage_x(u32* xs, const Io& io, int K) {
+    for (int i = threadIdx.x; i < K / 16; i += blockDim.x) {
+        u32 v[8];
+        load_x(v, io, (size_t)16 * i);
+        *(uint4*)(xs + 8 * i) = make_uint4(v[0], v[1], v[2], v[3]);
+        *(uint4*)(xs + 8 * i + 4) = make_uint4(v[4], v[5], v[6], v[7]);
+    }
+    __syncthreads();
+}
+
+template <int BITS, bool POT, int MR, int NT, int KS, int U, bool XS = false>
 __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32* __restrict__ meta, const Io io,
                                            int N, int K, int B, int tiles_per_group) {
     const Share<BITS, MR, KS> sh(K, tiles_per_group);
@@ -363,16 +381,18 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
         if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group, false);
     let_next_launch_start();
     wait_for_previous_launch();
+    extern __shared__ u32 xs[];
+    if (XS) stage_x(xs, io, K);
 #pragma unroll
     for (int u = 0; u < U; u++)
-        if (NT == 1 && u < count) load_x(tl[u].x, io, x0 + (size_t)u * KS * 64);
+        if (NT == 1 && !XS && u < count) load_x(tl[u].x, io, x0 + (size_t)u * KS * 64);
     for (int j0 = 0; j0 < count; j0 += U) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int j = j0 + u;
             if (j < count) {
-                compute_tile<BITS, POT, MR, NT>(acc, tl[u], io, K, B, g, sh.t, warp + j * KS);
-                if (j + U < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group);
+                compute_tile<BITS, POT, MR, NT, XS>(acc, tl[u], io, K, B, g, sh.t, warp + j * KS, xs);
+                if (j + U < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group, !XS);
             }
         }
     }
@@ -499,10 +519,30 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     QGEMM(NAME, BITS, POT, 2, 1, 8, 4)  \
     QGEMM(NAME, BITS, POT, 2, 1, 16, 2) \
     QGEMM(NAME, BITS, POT, 1, 2, 8, 4)  \
+    QGEMM(NAME, BITS, POT, 1, 2, 8, 2)  \
+    QGEMM(NAME, BITS, POT, 1, 2, 16, 2) \
+    QGEMM(NAME, BITS, POT, 2, 2, 8, 2)  \
     QGEMM(NAME, BITS, POT, 1, 4, 8, 2)  \
     QGEMM(NAME, BITS, POT, 1, 8, 8, 2)  \
     QGEMM(NAME, BITS, POT, 2, 4, 4, 2)  \
     QGEMM(NAME, BITS, POT, 2, 8, 4, 2)
+
+// One token (B = 1) with its activations in shared memory (`stage_x`; K f16 of dynamic
+// shared memory), U tiles in flight in registers.
+#define QGEMV_XS(NAME, BITS, POT, MR, KS, U)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
+        NAME##_b##BITS##_m##MR##_n1_k##KS##_x##U(const u32* W, const u32* meta, const void* X,     \
+                                                 void* Y, int N, int K, int B, int tpg, int io) {  \
+        qgemm_body<BITS, POT, MR, 1, KS, U, true>(W, meta, Io{X, Y, io}, N, K, B, tpg);            \
+    }
+
+#define QGEMV_XS_CONFIGS(NAME, BITS, POT) \
+    QGEMV_XS(NAME, BITS, POT, 1, 16, 2)   \
+    QGEMV_XS(NAME, BITS, POT, 1, 16, 4)   \
+    QGEMV_XS(NAME, BITS, POT, 2, 16, 2)   \
+    QGEMV_XS(NAME, BITS, POT, 2, 16, 4)   \
+    QGEMV_XS(NAME, BITS, POT, 2, 8, 4)    \
+    QGEMV_XS(NAME, BITS, POT, 2, 8, 8)
 
 #define QGEMV_ASYNC(NAME, BITS, POT, MR, KS, S)                                                    \
     extern "C" __global__ void __launch_bounds__(32 * KS)                                          \
@@ -518,20 +558,6 @@ __device__ __forceinline__ void qgemv_async_body(const u32* __restrict__ W, cons
     QGEMV_ASYNC(NAME, BITS, POT, 1, 16, 8)   \
     QGEMV_ASYNC(NAME, BITS, POT, 2, 8, 8)    \
     QGEMV_ASYNC(NAME, BITS, POT, 2, 16, 4)
-
-QGEMV_ASYNC_CONFIGS(pot, 2, true)
-QGEMV_ASYNC_CONFIGS(pot, 3, true)
-QGEMV_ASYNC_CONFIGS(pot, 4, true)
-QGEMV_ASYNC_CONFIGS(int, 2, false)
-QGEMV_ASYNC_CONFIGS(int, 3, false)
-QGEMV_ASYNC_CONFIGS(int, 4, false)
-
-QGEMM_CONFIGS(pot, 2, true)
-QGEMM_CONFIGS(pot, 3, true)
-QGEMM_CONFIGS(pot, 4, true)
-QGEMM_CONFIGS(int, 2, false)
-QGEMM_CONFIGS(int, 3, false)
-QGEMM_CONFIGS(int, 4, false)
 
 // The weights as f16 [N][K] (row-major), for products of many tokens through cuBLAS: a warp
 // decodes a tile as the products do, multiplies by the scale in f32, and writes the tile's
@@ -583,12 +609,6 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ W, const u3
                                                                              int N, int K, int tpg) {           \
         dequant_body<BITS, POT>(W, meta, out, N, K, tpg);                                                       \
     }
-DEQUANT(pot, 2, true)
-DEQUANT(pot, 3, true)
-DEQUANT(pot, 4, true)
-DEQUANT(int, 2, false)
-DEQUANT(int, 3, false)
-DEQUANT(int, 4, false)
 
 // Device read bandwidth reference, read the way the products read their codes: XORs n
 // 16-byte elements and writes a block's result only when every bit of it is set, which the
@@ -608,3 +628,28 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = src[i];
 }
+
+// Every kernel of one code format and width. The host compiles one format and width at a time
+// (`-D ONLY_POT=0|1 -D ONLY_BITS=2|3|4`; ONLY_BITS=0 for the bandwidth references alone), so
+// that the driver turns into machine code only the kernels a model uses; without ONLY_BITS,
+// all of them.
+#define FORMAT(NAME, BITS, POT) \
+    QGEMV_XS_CONFIGS(NAME, BITS, POT) QGEMV_ASYNC_CONFIGS(NAME, BITS, POT) QGEMM_CONFIGS(NAME, BITS, POT) DEQUANT(NAME, BITS, POT)
+#if !defined(ONLY_BITS) || (ONLY_POT == 1 && ONLY_BITS == 2)
+FORMAT(pot, 2, true)
+#endif
+#if !defined(ONLY_BITS) || (ONLY_POT == 1 && ONLY_BITS == 3)
+FORMAT(pot, 3, true)
+#endif
+#if !defined(ONLY_BITS) || (ONLY_POT == 1 && ONLY_BITS == 4)
+FORMAT(pot, 4, true)
+#endif
+#if !defined(ONLY_BITS) || (ONLY_POT == 0 && ONLY_BITS == 2)
+FORMAT(int, 2, false)
+#endif
+#if !defined(ONLY_BITS) || (ONLY_POT == 0 && ONLY_BITS == 3)
+FORMAT(int, 3, false)
+#endif
+#if !defined(ONLY_BITS) || (ONLY_POT == 0 && ONLY_BITS == 4)
+FORMAT(int, 4, false)
+#endif
