@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::common::{model_path, print_json};
 
 mod cuda;
+mod decode;
 mod generate;
 mod kernels;
 mod step2;
@@ -26,6 +27,8 @@ pub enum Bench {
     Kernels(kernels::KernelArgs),
     /// Decode tokens/s of the FP model against INT and PoT checkpoints made from it.
     Generate(generate::GenerateArgs),
+    /// Whole-model decode tokens/s of a synthetic Llama-2-7B-shaped model: FP, INT and PoT.
+    Decode(decode::DecodeArgs),
     /// Fused PoT and INT dequant-GEMV/GEMM on the GPU against cuBLAS f16 (feature `cuda`).
     Cuda(cuda::CudaArgs),
     /// Step 2 of one random block of a given shape (default Llama-2-7B) on the CPU or GPU.
@@ -72,6 +75,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Quant(a) => quant(a),
         Bench::Kernels(a) => kernels::run(a),
         Bench::Generate(a) => generate::run(a),
+        Bench::Decode(a) => decode::run(a),
         Bench::Cuda(a) => cuda::run(a),
         Bench::Step2(a) => step2::run(a),
     }

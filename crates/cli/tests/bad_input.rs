@@ -219,3 +219,12 @@ fn device_cuda_without_a_cuda_build() {
     fails_with(&["generate", "--model", m, "--prompt", "hi", "--device", "cuda"], "--device cuda needs a build with the `cuda` feature");
     fails_with(&["eval", "--model", m, "--device", "cuda", "--kernels", "q8"], "--kernels q8 is for the CPU's packed products");
 }
+
+/// `bench decode` refuses bad settings before it builds anything.
+#[test]
+fn bench_decode_refuses_bad_settings() {
+    fails_with(&["bench", "decode", "--blocks", "4"], "--blocks takes two counts");
+    fails_with(&["bench", "decode", "--blocks", "6,2"], "--blocks takes two counts");
+    fails_with(&["bench", "decode", "--tokens", "1"], "--tokens must be at least 2");
+    fails_with(&["bench", "decode", "--bits", "5"], "bits");
+}
