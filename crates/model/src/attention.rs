@@ -13,7 +13,7 @@ use rayon::prelude::*;
 /// Queries per task: a block's scores (`QUERY_BLOCK × keys`) fit in L2 at 2048 keys.
 const QUERY_BLOCK: usize = 64;
 
-/// Shapes of one attention call; all buffers are contiguous, row-major.
+/// Shapes of one attention call; all buffers are row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub batch: usize,
@@ -22,6 +22,10 @@ pub struct AttnShape {
     /// New queries; they sit at positions `keys - queries .. keys`.
     pub queries: usize,
     pub keys: usize,
+    /// Rows the key and value buffers hold per head (`keys` when they are contiguous; more in
+    /// a KV cache with room to grow: `[batch, kv_heads, key_capacity, head_dim]`, the first
+    /// `keys` rows of each head used).
+    pub key_capacity: usize,
     pub head_dim: usize,
 }
 
@@ -30,8 +34,9 @@ impl AttnShape {
         let s = self;
         ensure!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "heads must be a multiple of kv heads");
         ensure!(s.queries <= s.keys, "more queries than keys");
+        ensure!(s.keys <= s.key_capacity, "more keys than the buffers hold");
         ensure!(q.len() == s.batch * s.heads * s.queries * s.head_dim, "query buffer size");
-        ensure!(k.len() == s.batch * s.kv_heads * s.keys * s.head_dim, "key buffer size");
+        ensure!(k.len() == s.batch * s.kv_heads * s.key_capacity * s.head_dim, "key buffer size");
         ensure!(v.len() == k.len(), "value buffer size");
         Ok(())
     }
@@ -69,10 +74,10 @@ fn masked_softmax(row: &mut [f32], visible: usize) {
 }
 
 /// Causal attention: `q` `[batch, heads, queries, head_dim]` (rotary already applied),
-/// `k`, `v` `[batch, kv_heads, keys, head_dim]` → `[batch, heads, queries, head_dim]`.
+/// `k`, `v` `[batch, kv_heads, key_capacity, head_dim]` → `[batch, heads, queries, head_dim]`.
 pub fn causal_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
     s.check(q, k, v)?;
-    let (t, n, d) = (s.queries, s.keys, s.head_dim);
+    let (t, n, d, cap) = (s.queries, s.keys, s.head_dim, s.key_capacity);
     let past = n - t;
     let rep = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -81,8 +86,8 @@ pub fn causal_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result
     out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out_head)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let kv = b * s.kv_heads + h / rep;
-        let k_head = &k[kv * n * d..(kv + 1) * n * d];
-        let v_head = &v[kv * n * d..(kv + 1) * n * d];
+        let k_head = &k[kv * cap * d..(kv * cap + n) * d];
+        let v_head = &v[kv * cap * d..(kv * cap + n) * d];
         let q_head = &q[bh * t * d..(bh + 1) * t * d];
         out_head.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each(|(blk, out_blk)| {
             let r0 = blk * QUERY_BLOCK;
@@ -139,7 +144,7 @@ pub fn causal_mask(group: usize, queries: usize, keys: usize, dtype: DType, devi
 /// The plain formula, one query at a time: the reference the fast path is tested against.
 pub fn reference_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
     s.check(q, k, v)?;
-    let (t, n, d) = (s.queries, s.keys, s.head_dim);
+    let (t, n, d, cap) = (s.queries, s.keys, s.head_dim, s.key_capacity);
     let rep = s.heads / s.kv_heads;
     let mut out = vec![0f32; q.len()];
     for b in 0..s.batch {
@@ -150,7 +155,7 @@ pub fn reference_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Res
                 let visible = n - t + i + 1;
                 let mut w: Vec<f64> = (0..visible)
                     .map(|j| {
-                        let kj = &k[(kv * n + j) * d..][..d];
+                        let kj = &k[(kv * cap + j) * d..][..d];
                         qi.iter().zip(kj).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (d as f64).sqrt()
                     })
                     .collect();
@@ -159,7 +164,7 @@ pub fn reference_attention(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Res
                 let sum: f64 = w.iter().sum();
                 let o = &mut out[((b * s.heads + h) * t + i) * d..][..d];
                 for (j, wj) in w.iter().enumerate() {
-                    let vj = &v[(kv * n + j) * d..][..d];
+                    let vj = &v[(kv * cap + j) * d..][..d];
                     for (oc, vc) in o.iter_mut().zip(vj) {
                         *oc += (wj / sum * *vc as f64) as f32;
                     }
@@ -194,7 +199,7 @@ mod tests {
             (1, 9, 3, 129, 129, 64),
             (1, 2, 1, 1, 37, 8),
         ] {
-            let s = AttnShape { batch, heads, kv_heads, queries, keys, head_dim };
+            let s = AttnShape { batch, heads, kv_heads, queries, keys, key_capacity: keys, head_dim };
             let q = pseudo_random(batch * heads * queries * head_dim, 1);
             let k = pseudo_random(batch * kv_heads * keys * head_dim, 2);
             let v = pseudo_random(batch * kv_heads * keys * head_dim, 3);
@@ -211,6 +216,31 @@ mod tests {
         }
     }
 
+    /// Keys and values in buffers with room to grow (a KV cache): the rows past `keys` are
+    /// never read, whatever they hold.
+    #[test]
+    fn spare_rows_are_not_read() {
+        let (batch, heads, kv_heads, queries, keys, head_dim, capacity) = (2, 4, 2, 3, 21, 8, 32);
+        let q = pseudo_random(batch * heads * queries * head_dim, 4);
+        let k = pseudo_random(batch * kv_heads * keys * head_dim, 5);
+        let v = pseudo_random(batch * kv_heads * keys * head_dim, 6);
+        let roomy = |x: &[f32]| -> Vec<f32> {
+            let mut out = vec![f32::NAN; batch * kv_heads * capacity * head_dim];
+            for (h, rows) in x.chunks(keys * head_dim).enumerate() {
+                out[h * capacity * head_dim..][..keys * head_dim].copy_from_slice(rows);
+            }
+            out
+        };
+        let dense = AttnShape { batch, heads, kv_heads, queries, keys, key_capacity: keys, head_dim };
+        let want = reference_attention(dense, &q, &k, &v).unwrap();
+        let s = AttnShape { key_capacity: capacity, ..dense };
+        for got in [causal_attention(s, &q, &roomy(&k), &roomy(&v)).unwrap(), reference_attention(s, &q, &roomy(&k), &roomy(&v)).unwrap()] {
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-5, "max error {err}");
+        }
+        assert!(causal_attention(AttnShape { keys: capacity + 1, ..s }, &q, &roomy(&k), &roomy(&v)).is_err());
+    }
+
     #[test]
     fn tensor_op_attention_rejects_bad_shapes() {
         let t = |h: usize, n: usize| Tensor::zeros((1, h, n, 8), DType::F32, &Device::Cpu).unwrap();
@@ -224,7 +254,7 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_buffers() {
-        let s = AttnShape { batch: 1, heads: 2, kv_heads: 1, queries: 2, keys: 2, head_dim: 4 };
+        let s = AttnShape { batch: 1, heads: 2, kv_heads: 1, queries: 2, keys: 2, key_capacity: 2, head_dim: 4 };
         assert!(causal_attention(s, &[0.0; 15], &[0.0; 8], &[0.0; 8]).is_err());
     }
 }

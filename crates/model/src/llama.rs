@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use potptq_kernels::PackedMatrix;
 
@@ -264,20 +264,82 @@ impl Rope {
 /// Keys and values of the tokens seen so far, one pair per block.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
+}
+
+/// One block's cached keys and values.
+#[derive(Debug, Default, Clone)]
+pub enum LayerCache {
+    #[default]
+    Empty,
+    /// On a GPU: tensors `[batch, kv_heads, keys, head_dim]`, grown by concatenation.
+    Tensors(Tensor, Tensor),
+    /// On the CPU: buffers `[batch, kv_heads, capacity, head_dim]` written in place, the
+    /// capacity doubled when full, so that a token costs copying its own keys and values, not
+    /// all of them again.
+    Host(HostKv),
+}
+
+#[derive(Debug, Clone)]
+pub struct HostKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Rows of a head: batch × kv heads.
+    heads: usize,
+    head_dim: usize,
+    keys: usize,
+    capacity: usize,
+}
+
+impl HostKv {
+    fn new(heads: usize, head_dim: usize) -> Self {
+        Self { k: Vec::new(), v: Vec::new(), heads, head_dim, keys: 0, capacity: 0 }
+    }
+
+    /// Appends `t` positions: `k`, `v` `[heads, t, head_dim]`.
+    fn append(&mut self, k: &[f32], v: &[f32], t: usize) {
+        let (h, d) = (self.heads, self.head_dim);
+        debug_assert_eq!(k.len(), h * t * d);
+        if self.keys + t > self.capacity {
+            let capacity = (2 * self.capacity).max(self.keys + t).max(64);
+            let regrow = |old: &[f32]| -> Vec<f32> {
+                let mut new = vec![0f32; h * capacity * d];
+                for head in 0..h {
+                    new[head * capacity * d..][..self.keys * d].copy_from_slice(&old[head * self.capacity * d..][..self.keys * d]);
+                }
+                new
+            };
+            self.k = regrow(&self.k);
+            self.v = regrow(&self.v);
+            self.capacity = capacity;
+        }
+        for head in 0..h {
+            let at = (head * self.capacity + self.keys) * d;
+            self.k[at..at + t * d].copy_from_slice(&k[head * t * d..][..t * d]);
+            self.v[at..at + t * d].copy_from_slice(&v[head * t * d..][..t * d]);
+        }
+        self.keys += t;
+    }
+}
+
+impl LayerCache {
+    fn len(&self) -> usize {
+        match self {
+            LayerCache::Empty => 0,
+            LayerCache::Tensors(k, _) => k.dim(2).unwrap_or(0),
+            LayerCache::Host(kv) => kv.keys,
+        }
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![LayerCache::Empty; num_layers] }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
-        }
+        self.layers.first().map_or(0, LayerCache::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -308,7 +370,7 @@ impl Block {
         rope: &Rope,
         x: &Tensor,
         pos: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         self.forward_inner(cfg, rope, x, pos, cache, None)
     }
@@ -325,7 +387,7 @@ impl Block {
         rope: &Rope,
         x: &Tensor,
         pos: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
         stop: Option<Stage>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.attn_norm, cfg.rms_norm_eps)?;
@@ -357,7 +419,7 @@ impl Block {
         rope: &Rope,
         x: &Tensor,
         pos: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -365,21 +427,39 @@ impl Block {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?, pos)?;
-        let mut k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?, pos)?;
-        let mut v = heads(self.v_proj.forward(x)?, nkv)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?, pos)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
         let out = if x.device().is_cpu() {
-            let shape = AttnShape { batch: b, heads: nh, kv_heads: nkv, queries: t, keys: k.dim(2)?, head_dim: hd };
             let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-            let out = causal_attention(shape, &flat(&q)?, &flat(&k)?, &flat(&v)?)?;
+            let shape = AttnShape { batch: b, heads: nh, kv_heads: nkv, queries: t, keys: t, key_capacity: t, head_dim: hd };
+            let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
+            let out = match cache {
+                Some(slot) => {
+                    if let LayerCache::Empty = slot {
+                        *slot = LayerCache::Host(HostKv::new(b * nkv, hd));
+                    }
+                    let LayerCache::Host(kv) = slot else { bail!("a KV cache filled on another device") };
+                    ensure!(kv.heads == b * nkv, "a KV cache for {} heads, not {}", kv.heads, b * nkv);
+                    kv.append(&k, &v, t);
+                    let shape = AttnShape { keys: kv.keys, key_capacity: kv.capacity, ..shape };
+                    causal_attention(shape, &q, &kv.k, &kv.v)?
+                }
+                None => causal_attention(shape, &q, &k, &v)?,
+            };
             Tensor::from_vec(out, (b, nh, t, hd), x.device())?
         } else {
+            let (k, v) = match cache {
+                Some(slot) => {
+                    let (k, v) = match &*slot {
+                        LayerCache::Empty => (k, v),
+                        LayerCache::Tensors(pk, pv) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        LayerCache::Host(_) => bail!("a KV cache filled on another device"),
+                    };
+                    *slot = LayerCache::Tensors(k.clone(), v.clone());
+                    (k, v)
+                }
+                None => (k, v),
+            };
             grouped_attention(&q, &k, &v)?
         };
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
@@ -592,4 +672,34 @@ pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostKv;
+
+    /// Appends of 1 to 70 positions, across the capacity's growth, keep every head's rows in
+    /// order: the same as concatenating them.
+    #[test]
+    fn host_cache_appends_in_place_and_grows() {
+        let (heads, d) = (3, 4);
+        let mut kv = HostKv::new(heads, d);
+        let mut want: Vec<Vec<f32>> = vec![Vec::new(); heads];
+        let mut next = 0.0f32;
+        for t in [5, 1, 1, 70, 1, 64, 3] {
+            let k: Vec<f32> = (0..heads * t * d).map(|_| { next += 1.0; next }).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            for (h, rows) in k.chunks(t * d).enumerate() {
+                want[h].extend_from_slice(rows);
+            }
+            kv.append(&k, &v, t);
+            assert!(kv.keys <= kv.capacity);
+            for (h, w) in want.iter().enumerate() {
+                assert_eq!(&kv.k[h * kv.capacity * d..][..kv.keys * d], &w[..], "head {h} after {} keys", kv.keys);
+                let neg: Vec<f32> = w.iter().map(|x| -x).collect();
+                assert_eq!(&kv.v[h * kv.capacity * d..][..kv.keys * d], &neg[..]);
+            }
+        }
+        assert_eq!(kv.keys, 145);
+    }
 }
