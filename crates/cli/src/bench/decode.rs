@@ -161,6 +161,23 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         kinds.push(Linears::Packed(Format::IntAsym, b));
         kinds.push(Linears::Packed(Format::Pot, b));
     }
+    // What one tensor operation costs the host, whatever it computes: a small add, issued many
+    // times in a row and waited for once.
+    let op_us = {
+        let x = Tensor::zeros(4096, DType::F32, &device)?;
+        let ops = 2000;
+        (&x + &x)?;
+        device.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..ops {
+            (&x + &x)?;
+        }
+        device.synchronize()?;
+        t.elapsed().as_secs_f64() / ops as f64 * 1e6
+    };
+    if !a.json {
+        println!("one tensor operation (a 4096-element add, {} in a row): {op_us:.1} µs", 2000);
+    }
     let (b0, b1) = (a.blocks[0], a.blocks[1]);
     if !a.json {
         println!(
@@ -201,7 +218,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         }));
     }
     if a.json {
-        print_json(&json!({"bench": "decode", "device": a.device.name(), "blocks": [b0, b1], "tokens": a.tokens, "reps": a.reps, "results": rows}));
+        print_json(&json!({"bench": "decode", "device": a.device.name(), "blocks": [b0, b1], "tokens": a.tokens, "reps": a.reps, "op_us": op_us, "results": rows}));
     }
     Ok(())
 }
