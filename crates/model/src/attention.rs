@@ -121,11 +121,21 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     ensure!(t <= n, "more queries ({t}) than keys ({n})");
     let group = nh / nkv;
     let q = q.contiguous()?.reshape((b, nkv, group * t, d))?;
-    let scores = (q.matmul(&k.contiguous()?.t()?)? / (d as f64).sqrt())?;
+    let scores = (q.matmul(&rows_contiguous(k)?.t()?)? / (d as f64).sqrt())?;
     let scores = if t > 1 { scores.broadcast_add(&causal_mask(group, t, n, scores.dtype(), scores.device())?)? } else { scores };
     // candle's fused softmax has no gradient: graphs that train use `potptq_calib::ops::softmax`.
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, d))?)
+    Ok(probs.matmul(&rows_contiguous(v)?)?.reshape((b, nh, t, d))?)
+}
+
+/// `x` `[batch, heads, rows, dim]` as it is when each head's rows are contiguous (the first
+/// rows of a KV cache with room to grow: the batched products take any stride between
+/// heads), else a contiguous copy.
+fn rows_contiguous(x: &Tensor) -> Result<Tensor> {
+    let (b, h, _, d) = x.dims4()?;
+    let st = x.stride();
+    let heads_regular = b == 1 || st[0] == h * st[1];
+    Ok(if st[3] == 1 && st[2] == d && heads_regular { x.clone() } else { x.contiguous()? })
 }
 
 /// The additive mask of `grouped_attention`: `[group · queries, keys]`, 0 where a query may
@@ -239,6 +249,23 @@ mod tests {
             assert!(err < 1e-5, "max error {err}");
         }
         assert!(causal_attention(AttnShape { keys: capacity + 1, ..s }, &q, &roomy(&k), &roomy(&v)).is_err());
+    }
+
+    /// Keys and values as the first rows of bigger per-head buffers (a KV cache on a GPU) give
+    /// the tensor-op attention the same result as contiguous ones.
+    #[test]
+    fn tensor_op_attention_reads_the_first_rows_of_a_cache() {
+        let (heads, kv_heads, queries, keys, capacity, d) = (4, 2, 1, 5, 16, 8);
+        let t = |x: Vec<f32>, h: usize, n: usize| Tensor::from_vec(x, (1, h, n, d), &Device::Cpu).unwrap();
+        let q = t(pseudo_random(heads * queries * d, 7), heads, queries);
+        let (kb, vb) = (t(pseudo_random(kv_heads * capacity * d, 8), kv_heads, capacity), t(pseudo_random(kv_heads * capacity * d, 9), kv_heads, capacity));
+        let (k, v) = (kb.narrow(2, 0, keys).unwrap(), vb.narrow(2, 0, keys).unwrap());
+        assert!(!k.is_contiguous());
+        let flat = |x: Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = flat(grouped_attention(&q, &k, &v).unwrap());
+        let want = flat(grouped_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap()).unwrap());
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err < 1e-6, "max error {err}");
     }
 
     #[test]

@@ -272,8 +272,10 @@ pub struct KvCache {
 pub enum LayerCache {
     #[default]
     Empty,
-    /// On a GPU: tensors `[batch, kv_heads, keys, head_dim]`, grown by concatenation.
-    Tensors(Tensor, Tensor),
+    /// On a GPU: tensors `[batch, kv_heads, capacity, head_dim]` written in place, the first
+    /// `keys` rows of each head used, the capacity doubled when full; the attention's batched
+    /// products read those rows where they lie.
+    Tensors { k: Tensor, v: Tensor, keys: usize },
     /// On the CPU: buffers `[batch, kv_heads, capacity, head_dim]` written in place, the
     /// capacity doubled when full, so that a token costs copying its own keys and values, not
     /// all of them again.
@@ -322,11 +324,42 @@ impl HostKv {
     }
 }
 
+/// Writes `k`, `v` `[batch, kv_heads, t, head_dim]` after the keys `slot` holds (growing its
+/// buffers when full) and returns views of all its keys and values.
+fn append_on_device(slot: &mut LayerCache, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, d) = k.dims4()?;
+    let (mut kb, mut vb, keys) = match &*slot {
+        LayerCache::Empty => {
+            let cap = t.max(64);
+            (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?, 0)
+        }
+        LayerCache::Tensors { k, v, keys } => (k.clone(), v.clone(), *keys),
+        LayerCache::Host(_) => bail!("a KV cache filled on another device"),
+    };
+    let (cached_b, cached_h, _, _) = kb.dims4()?;
+    ensure!((cached_b, cached_h) == (b, h), "a KV cache for {cached_b}×{cached_h} heads, not {b}×{h}");
+    if keys + t > kb.dim(2)? {
+        let cap = (2 * kb.dim(2)?).max(keys + t);
+        let grow = |old: &Tensor| -> Result<Tensor> {
+            let new = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
+            new.slice_set(&old.narrow(2, 0, keys)?.contiguous()?, 2, 0)?;
+            Ok(new)
+        };
+        kb = grow(&kb)?;
+        vb = grow(&vb)?;
+    }
+    kb.slice_set(&k.contiguous()?, 2, keys)?;
+    vb.slice_set(&v.contiguous()?, 2, keys)?;
+    let views = (kb.narrow(2, 0, keys + t)?, vb.narrow(2, 0, keys + t)?);
+    *slot = LayerCache::Tensors { k: kb, v: vb, keys: keys + t };
+    Ok(views)
+}
+
 impl LayerCache {
     fn len(&self) -> usize {
         match self {
             LayerCache::Empty => 0,
-            LayerCache::Tensors(k, _) => k.dim(2).unwrap_or(0),
+            LayerCache::Tensors { keys, .. } => *keys,
             LayerCache::Host(kv) => kv.keys,
         }
     }
@@ -449,15 +482,7 @@ impl Block {
             Tensor::from_vec(out, (b, nh, t, hd), x.device())?
         } else {
             let (k, v) = match cache {
-                Some(slot) => {
-                    let (k, v) = match &*slot {
-                        LayerCache::Empty => (k, v),
-                        LayerCache::Tensors(pk, pv) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                        LayerCache::Host(_) => bail!("a KV cache filled on another device"),
-                    };
-                    *slot = LayerCache::Tensors(k.clone(), v.clone());
-                    (k, v)
-                }
+                Some(slot) => append_on_device(slot, &k, &v)?,
                 None => (k, v),
             };
             grouped_attention(&q, &k, &v)?
@@ -676,7 +701,36 @@ pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::HostKv;
+    use super::{append_on_device, HostKv, LayerCache};
+    use candle_core::{Device, Tensor};
+
+    /// The device cache (run here on CPU tensors) returns, after each append, exactly the
+    /// concatenation of everything appended, across the buffers' growth.
+    #[test]
+    fn device_cache_views_are_the_concatenation() {
+        let mut slot = LayerCache::Empty;
+        let mut all: Option<(Tensor, Tensor)> = None;
+        let mut seed = 0.0f32;
+        for t in [5, 1, 70, 1, 1] {
+            let n = 2 * 3 * t * 4;
+            let k = Tensor::from_vec((0..n).map(|i| seed + i as f32).collect::<Vec<f32>>(), (2, 3, t, 4), &Device::Cpu).unwrap();
+            let v = (&k * -1.0).unwrap();
+            seed += n as f32;
+            let (kv, vv) = append_on_device(&mut slot, &k, &v).unwrap();
+            all = Some(match all {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2).unwrap(), Tensor::cat(&[&pv, &v], 2).unwrap()),
+            });
+            let (wk, wv) = all.as_ref().unwrap();
+            let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&kv), flat(wk));
+            assert_eq!(flat(&vv), flat(wv));
+            assert_eq!(slot.len(), wk.dim(2).unwrap());
+        }
+        let wrong = Tensor::zeros((1, 3, 1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(append_on_device(&mut slot, &wrong, &wrong).is_err());
+        assert_eq!(slot.len(), 78, "a refused append keeps the cache");
+    }
 
     /// Appends of 1 to 70 positions, across the capacity's growth, keep every head's rows in
     /// order: the same as concatenating them.
