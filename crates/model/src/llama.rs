@@ -282,6 +282,7 @@ pub enum LayerCache {
     Host(HostKv),
 }
 
+/// The buffers of `LayerCache::Host`.
 #[derive(Debug, Clone)]
 pub struct HostKv {
     k: Vec<f32>,
