@@ -86,6 +86,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `n` pseudo-random values, element `i` from its own xorshift-multiply hash of `i` and
+/// `seed` (so the fill runs in parallel and does not depend on the thread count), through `f`.
+fn xorshift_fill(n: usize, seed: u64, f: impl Fn(u64) -> u32 + Sync) -> Vec<u32> {
+    use rayon::prelude::*;
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mut x = (i as u64 ^ seed).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) | 1;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x = x.wrapping_mul(0x2545F4914F6CDD1D);
+            f(x)
+        })
+        .collect()
+}
+
 /// Median seconds of `f` over `reps` runs after one warm-up.
 fn time_median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;

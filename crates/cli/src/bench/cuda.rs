@@ -75,10 +75,9 @@ use half::f16;
 use potptq_kernels::cuda::gpu::{kernel_name, sweep_configs, GpuMatrix, Io, Kernels, MAX_TOKENS};
 use potptq_kernels::cuda::GpuLayout;
 use potptq_quant::Format;
-use rayon::prelude::*;
 use serde_json::json;
 
-use super::super::{median, parse_shape};
+use super::super::{median, parse_shape, xorshift_fill};
 use crate::common::print_json;
 
 
@@ -108,20 +107,6 @@ impl Timer {
         }
         Ok(median(times))
     }
-}
-
-fn xorshift_fill(n: usize, seed: u64, f: impl Fn(u64) -> u32 + Sync) -> Vec<u32> {
-    (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let mut x = (i as u64 ^ seed).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) | 1;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x = x.wrapping_mul(0x2545F4914F6CDD1D);
-            f(x)
-        })
-        .collect()
 }
 
 /// A random quantized matrix: random words are random codes (the tile layout is a bijection
@@ -195,11 +180,13 @@ pub(super) fn run(a: CudaArgs) -> Result<()> {
     );
     let t0 = std::time::Instant::now();
     let mut kernels = Kernels::new(stream.clone())?;
-    // Compiled here, not in the first timed product.
-    for pot in [true, false] {
-        for &bits in a.bits.iter().chain(&a.decode_bits) {
-            kernels.prepare(pot, bits)?;
-        }
+    // Compiled here, not in the first timed product: both formats at `--bits`, PoT at
+    // `--decode-bits`.
+    for &bits in &a.bits {
+        kernels.prepare(false, bits)?;
+    }
+    for &bits in a.bits.iter().chain(&a.decode_bits) {
+        kernels.prepare(true, bits)?;
     }
     if a.no_dependent_launch {
         kernels.set_dependent_launch(false)?;

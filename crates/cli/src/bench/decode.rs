@@ -15,7 +15,7 @@ use potptq_model::{Arch, Config, Model};
 use potptq_quant::{Format, GroupLayout};
 use serde_json::json;
 
-use super::median;
+use super::{median, xorshift_fill};
 use crate::common::{print_json, DeviceArg};
 
 #[derive(clap::Args)]
@@ -38,6 +38,9 @@ pub struct DecodeArgs {
     #[arg(long)]
     json: bool,
 }
+
+/// Tensor operations timed in a row for the host's cost of one.
+const OPS_TIMED: usize = 2000;
 
 /// Llama-2-7B's shape with `blocks` transformer blocks.
 fn llama2_7b(blocks: usize) -> Config {
@@ -75,15 +78,9 @@ impl Linears {
     }
 }
 
-/// Uniform values in [0, 1), one xorshift stream.
+/// Uniform values in [0, 1), 24 random bits each.
 fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n).map(move |_| {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32
-    })
+    xorshift_fill(n, seed, |x| (x >> 40) as u32).into_iter().map(|v| v as f32 / (1u32 << 24) as f32)
 }
 
 /// Random weights of magnitude ≲ 0.02 (the scale of trained Llama linears), or random codes
@@ -103,7 +100,7 @@ fn insert_random_linear(
         }
         Linears::Packed(format, bits) => {
             let layout = GroupLayout::new(rows, cols, 128)?;
-            let words: Vec<u32> = uniform(rows * cols * bits as usize / 32, seed).map(|u| (u * 4294967296.0) as u32).collect();
+            let words = xorshift_fill(rows * cols * bits as usize / 32, seed, |x| (x >> 32) as u32);
             let top = if format == Format::Pot { (1u32 << ((1 << (bits - 1)) - 1)) as f32 } else { (1u32 << bits) as f32 };
             let groups = layout.groups_per_row() * rows;
             let scales: Vec<f32> = uniform(groups, seed + 1).map(|u| 0.02 / top * (0.5 + 0.5 * u)).collect();
@@ -165,18 +162,17 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     // times in a row and waited for once.
     let op_us = {
         let x = Tensor::zeros(4096, DType::F32, &device)?;
-        let ops = 2000;
         (&x + &x)?;
         device.synchronize()?;
         let t = std::time::Instant::now();
-        for _ in 0..ops {
+        for _ in 0..OPS_TIMED {
             (&x + &x)?;
         }
         device.synchronize()?;
-        t.elapsed().as_secs_f64() / ops as f64 * 1e6
+        t.elapsed().as_secs_f64() / OPS_TIMED as f64 * 1e6
     };
     if !a.json {
-        println!("one tensor operation (a 4096-element add, {} in a row): {op_us:.1} µs", 2000);
+        println!("one tensor operation (a 4096-element add, {OPS_TIMED} in a row): {op_us:.1} µs");
     }
     let (b0, b1) = (a.blocks[0], a.blocks[1]);
     if !a.json {

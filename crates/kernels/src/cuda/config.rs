@@ -95,10 +95,15 @@ pub const CONFIGS: [Config; 27] = [
     c(2, 8, 4, 2),
 ];
 
+/// The fewest token tiles of 8 (1, 2, 4 or 8) that hold `tokens` (≤ 64) tokens.
+fn token_tiles(tokens: usize) -> usize {
+    [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8)
+}
+
 /// The instantiations `bench cuda --sweep` compares for `tokens` tokens in one launch: those
 /// with the fewest token tiles that hold them, and those with twice as many.
 pub fn sweep_configs(tokens: usize) -> impl Iterator<Item = Config> {
-    let least = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
+    let least = token_tiles(tokens);
     CONFIGS.into_iter().filter(move |c| (c.nt == least || c.nt == 2 * least) && tokens <= c.max_tokens())
 }
 
@@ -109,8 +114,8 @@ pub fn sweep_configs(tokens: usize) -> impl Iterator<Item = Config> {
 /// One token (decode), from 8192 rows on (two row tiles per block): the activations in shared
 /// memory, so that the tiles in flight hold only codes and scales, except for 2-bit PoT over
 /// more than 4096 columns (registers) and 4-bit INT (a ring of 4 shared-memory stages, its
-/// fastest by 5–20%). Over 4096
-/// columns or fewer a warp has few K tiles: 8 warps a block, 4 (2-bit) or 8 tiles in flight.
+/// fastest by 5–20%). Over 4096 columns or fewer a warp has few K tiles: 8 warps a block, 4
+/// (2-bit) or 8 tiles in flight.
 /// Below 8192 rows, and 2 to 8 tokens: 16 warps with two tiles in flight each on one row tile
 /// per block; from 8192 rows two row tiles per block (2-bit: registers; 3- and 4-bit from
 /// 16384 rows: the ring). 9 to 16 tokens: below 8192 rows one row tile and 16 warps a block;
@@ -118,7 +123,7 @@ pub fn sweep_configs(tokens: usize) -> impl Iterator<Item = Config> {
 /// tiles per block from 17 tokens on (the activations are then re-read less), except for 2-bit
 /// PoT at 33 tokens or more on matrices of up to 11008 × 4096 weights (Llama-2-7B's).
 pub fn config_for(tokens: usize, rows: usize, cols: usize, bits: u8, pot: bool) -> Config {
-    let nt = [1, 2, 4, 8].into_iter().find(|&n| n * 8 >= tokens).unwrap_or(8);
+    let nt = token_tiles(tokens);
     let pairs = rows.is_multiple_of(32);
     if tokens == 1 && pairs && rows >= 8192 && cols <= X_SHARED_MAX_COLS {
         let few_k_tiles = cols <= 4096;

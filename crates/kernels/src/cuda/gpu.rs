@@ -77,6 +77,10 @@ pub struct GpuMatrix {
 /// The kernels of one code format, by name.
 type Functions = HashMap<String, CudaFunction>;
 
+fn function<'a>(funcs: &'a Functions, name: &str) -> Result<&'a CudaFunction> {
+    funcs.get(name).with_context(|| format!("no kernel {name}"))
+}
+
 /// PTX of all of `qgemm.cu` for compute_80 (mma.sync m16n8k16 and the L1 cache hints).
 pub fn compile() -> Result<candle_core::cuda_backend::cudarc::nvrtc::Ptx> {
     compile_for("compute_80", Some(None))
@@ -205,8 +209,7 @@ impl Kernels {
             let c = config.unwrap_or_else(|| config_for(b, w.rows, w.cols, w.bits, w.pot));
             ensure!(w.rows.is_multiple_of(TILE_ROWS * c.mr), "configuration {c:?} needs rows in multiples of {}", TILE_ROWS * c.mr);
             ensure!(c.fits(b, w.cols), "configuration {c:?} cannot take {b} tokens of {} columns", w.cols);
-            let name = kernel_name(w.pot, w.bits, c);
-            let f = funcs.get(&name).with_context(|| format!("no kernel {name}"))?;
+            let f = function(&funcs, &kernel_name(w.pot, w.bits, c))?;
             let (xp, yp) = (x + (done * w.cols * io.bytes()) as u64, y + (done * w.rows * io.bytes()) as u64);
             let (bi, flags) = (b as i32, io.flags());
             let cfg = LaunchConfig { grid_dim: ((w.rows / TILE_ROWS / c.mr) as u32, 1, 1), block_dim: ((32 * c.ks) as u32, 1, 1), shared_mem_bytes: c.shared_bytes(w.bits, w.cols) as u32 };
@@ -267,10 +270,8 @@ impl Kernels {
         let tiles = (w.rows / TILE_ROWS) * (w.cols / TILE_COLS);
         let blocks = tiles.div_ceil(8).clamp(1, 132 * 16) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let name = dequant_name(w.pot, w.bits);
         let funcs = self.prepare(w.pot, w.bits)?;
-        let f = funcs.get(&name).with_context(|| format!("no kernel {name}"))?;
-        let mut l = self.stream.launch_builder(f);
+        let mut l = self.stream.launch_builder(function(&funcs, &dequant_name(w.pot, w.bits))?);
         l.arg(&wp).arg(&mp).arg(&out).arg(&n).arg(&k).arg(&tpg);
         l.launch(cfg)?;
         Ok(())
