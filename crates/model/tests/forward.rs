@@ -97,3 +97,16 @@ fn sharded_bf16_and_f16_directory_loads() {
     assert!(err < 2e-2, "sharded half-precision model differs by {err:e}");
     assert!(err > 0.0);
 }
+
+/// A KV cache filled for one batch size refuses another, with the cache kept as it was.
+#[test]
+fn kv_cache_refuses_another_batch_size() {
+    let loaded = potptq_model::load(&fixture("tiny_qwen2")).unwrap();
+    let mut cache = KvCache::new(loaded.model.config.num_layers);
+    let one = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    loaded.model.forward(&one, Some(&mut cache)).unwrap();
+    let two = Tensor::new(&[[4u32], [5]], &Device::Cpu).unwrap();
+    let e = loaded.model.forward(&two, Some(&mut cache)).unwrap_err();
+    assert!(e.to_string().contains("a KV cache for"), "{e}");
+    assert_eq!(cache.len(), 3);
+}
