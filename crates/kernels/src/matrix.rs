@@ -57,6 +57,22 @@ impl PackedMatrix {
         Self::new(q.format, q.bits, q.layout, q.packed_codes(), q.scales.clone(), q.zeros.clone())
     }
 
+    /// The matrices one above the other (`[Σ rows, cols]`): linears that read the same input,
+    /// multiplied in one product (a block's q, k, v or gate, up).
+    pub fn stack_rows(parts: &[&PackedMatrix]) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| anyhow::anyhow!("no matrices to stack"))?;
+        let (format, bits, cols, group) = (first.format, first.bits, first.cols(), first.layout.group_size);
+        ensure!(
+            parts.iter().all(|m| (m.format, m.bits, m.cols(), m.layout.group_size) == (format, bits, cols, group)),
+            "stacked matrices differ in format, bits, columns or group size"
+        );
+        let rows = parts.iter().map(|m| m.rows()).sum();
+        let words = parts.iter().flat_map(|m| m.packed_words()).copied().collect();
+        let scales = parts.iter().flat_map(|m| &m.scales).copied().collect();
+        let zeros = parts.iter().flat_map(|m| &m.zeros).copied().collect();
+        Self::new(format, bits, GroupLayout::new(rows, cols, group)?, words, scales, zeros)
+    }
+
     /// The codes unpacked again (one byte per weight), e.g. to compare with what was saved.
     pub fn to_qtensor(&self) -> Result<QTensor> {
         QTensor::from_packed(self.format, self.bits, self.layout, self.packed_words(), self.scales.clone(), self.zeros.clone())
@@ -167,6 +183,26 @@ mod tests {
             assert_eq!(m.dequantize(), deq, "{format:?} {bits}");
             assert_eq!(m.to_qtensor().unwrap().codes, q.codes);
         }
+    }
+
+    #[test]
+    fn stacked_rows_are_the_parts_in_order() {
+        let w: Vec<f32> = (0..500).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+        for (format, bits) in [(Format::Pot, 3), (Format::IntAsym, 2)] {
+            let part = |rows: usize, at: usize| {
+                let q = potptq_quant::quantize_rtn("w", &w[at..at + rows * 48], GroupLayout::new(rows, 48, 24).unwrap(), format, bits).unwrap();
+                PackedMatrix::from_qtensor(&q).unwrap()
+            };
+            let (a, b, c) = (part(3, 0), part(1, 144), part(5, 192));
+            let s = PackedMatrix::stack_rows(&[&a, &b, &c]).unwrap();
+            assert_eq!((s.rows(), s.cols()), (9, 48));
+            let want: Vec<f32> = [a.dequantize(), b.dequantize(), c.dequantize()].concat();
+            assert_eq!(s.dequantize(), want, "{format:?} {bits}");
+        }
+        let q = |bits| PackedMatrix::from_qtensor(&potptq_quant::quantize_rtn("w", &w[..96], GroupLayout::new(2, 48, 24).unwrap(), Format::Pot, bits).unwrap()).unwrap();
+        let e = PackedMatrix::stack_rows(&[&q(3), &q(4)]).unwrap_err();
+        assert!(e.to_string().contains("differ"), "{e}");
+        assert!(PackedMatrix::stack_rows(&[]).is_err());
     }
 
     #[test]

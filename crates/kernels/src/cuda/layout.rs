@@ -36,6 +36,7 @@
 use anyhow::{bail, ensure, Result};
 use half::f16;
 use potptq_quant::{pot, Format};
+use rayon::prelude::*;
 
 pub const TILE_ROWS: usize = 16;
 pub const TILE_COLS: usize = 64;
@@ -120,7 +121,7 @@ pub fn repack_codes(code: impl Fn(usize, usize) -> u8 + Sync, rows: usize, cols:
     let ktiles = cols / TILE_COLS;
     let b = bits as usize;
     let mut out = vec![0u32; rows * cols * b / 32];
-    for (tile, words) in out.chunks_mut(b * 32).enumerate() {
+    out.par_chunks_mut(b * 32).enumerate().for_each(|(tile, words)| {
         let (rt, kt) = (tile / ktiles, tile % ktiles);
         for lane in 0..32 {
             for p in 0..PAIRS {
@@ -140,7 +141,7 @@ pub fn repack_codes(code: impl Fn(usize, usize) -> u8 + Sync, rows: usize, cols:
                 }
             }
         }
-    }
+    });
     Ok(out)
 }
 
