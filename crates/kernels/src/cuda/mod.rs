@@ -3,9 +3,12 @@
 //! `layout` (always compiled, tested on the CPU) re-tiles packed codes for the kernels and
 //! holds their CPU reference; `config` (also tested on the CPU) says which instantiation
 //! serves a product; `gpu` (feature `cuda`) compiles `qgemm.cu` with NVRTC at run time and
-//! launches it.
+//! launches it; `decode` (feature `cuda`) the kernels around the linears when a model decodes
+//! on the GPU.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod decode;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod gpu;

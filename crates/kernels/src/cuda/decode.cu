@@ -1,0 +1,173 @@
+// The parts of a transformer block around its linear layers, for decoding one token at a
+// time: embedding lookup, RMS norm with the residual add, rotary embedding with the KV-cache
+// write, attention over the cache, and the SwiGLU gate. The token and its position are read
+// from device memory, so a decode step is the same launches with the same arguments every
+// token and can be replayed as a CUDA graph. Compiled at run time by NVRTC; no headers.
+//
+// Activations between kernels are f16 (what the fused products read and write); the residual
+// stream is f32; sums are f32. `u16` holds an f16.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Launched dependently (sm_90+): the previous kernel may still run until this wait returns,
+// and the next may start launching right after it (it waits for this one to end in turn).
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The sum (or max) of `v` over the block, returned to every thread. `scratch`: 32 floats.
+__device__ float block_reduce(float v, float* scratch, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = lane < warps ? scratch[lane] : (is_max ? NEG_INF : 0.0f);
+    return is_max ? warp_max(r) : warp_sum(r);
+}
+
+// x[d] = table[token][d], the token read from `token`; the table in f16 or f32.
+extern "C" __global__ void embed(const void* table, int table_f32, const int* token, float* x, int d) {
+    wait_for_previous();
+    const long row = (long)(*token) * d;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x)
+        x[i] = table_f32 ? ((const float*)table)[row + i] : h2f(((const u16*)table)[row + i]);
+}
+
+// x += delta (when given, f16); out = x / rms(x) · w as f16. One block.
+extern "C" __global__ void residual_rms_norm(float* x, const u16* delta, const float* w, u16* out, int d, float eps) {
+    wait_for_previous();
+    __shared__ float scratch[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = x[i];
+        if (delta) {
+            v += h2f(delta[i]);
+            x[i] = v;
+        }
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_reduce(ss, scratch, false) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = f2h(x[i] * inv * w[i]);
+}
+
+// Rotates the half-split pair (i, i + half) of a head by the angle of `pos`.
+__device__ __forceinline__ void rotate(float& a, float& b, const float* cos_t, const float* sin_t, int pos, int half, int i) {
+    const float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
+    const float a0 = a;
+    a = a0 * c - b * s;
+    b = b * c + a0 * s;
+}
+
+// Block h < heads: query head h of `q` (biased, rotated) in place. Block heads + h: KV head h
+// (biased; the key rotated) written to row `pos` of the caches `[kv_heads][capacity][head_dim]`.
+// Threads: head_dim / 2, one rotated pair each.
+extern "C" __global__ void rope_append(
+    u16* q, const u16* k, const u16* v, const float* q_bias, const float* k_bias, const float* v_bias,
+    const float* cos_t, const float* sin_t, const int* position, u16* k_cache, u16* v_cache,
+    int heads, int head_dim, int capacity) {
+    wait_for_previous();
+    const int half = head_dim / 2, i = threadIdx.x, pos = *position;
+    if (i >= half) return;
+    int h = blockIdx.x;
+    if (h < heads) {
+        u16* row = q + h * head_dim;
+        float a = h2f(row[i]), b = h2f(row[i + half]);
+        if (q_bias) a += q_bias[h * head_dim + i], b += q_bias[h * head_dim + i + half];
+        rotate(a, b, cos_t, sin_t, pos, half, i);
+        row[i] = f2h(a);
+        row[i + half] = f2h(b);
+        return;
+    }
+    h -= heads;
+    const int at = h * head_dim;
+    const long to = ((long)h * capacity + pos) * head_dim;
+    float a = h2f(k[at + i]), b = h2f(k[at + i + half]);
+    if (k_bias) a += k_bias[at + i], b += k_bias[at + i + half];
+    rotate(a, b, cos_t, sin_t, pos, half, i);
+    k_cache[to + i] = f2h(a);
+    k_cache[to + i + half] = f2h(b);
+    float c = h2f(v[at + i]), e = h2f(v[at + i + half]);
+    if (v_bias) c += v_bias[at + i], e += v_bias[at + i + half];
+    v_cache[to + i] = f2h(c);
+    v_cache[to + i + half] = f2h(e);
+}
+
+// One query head per block over keys 0..=pos of its KV head: scores (a warp per key, lanes
+// over the head's dimensions) into shared memory, the softmax there, then each thread sums
+// the values of one dimension. Dynamic shared memory: (pos + 1 ≤ capacity) + head_dim floats.
+extern "C" __global__ void attention(
+    const u16* q, const u16* k_cache, const u16* v_cache, const int* position, u16* out,
+    int heads, int kv_heads, int head_dim, int capacity, float scale) {
+    wait_for_previous();
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    float* qs = smem;
+    float* scores = smem + head_dim;
+    const int h = blockIdx.x, kvh = h / (heads / kv_heads), keys = *position + 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = h2f(q[h * head_dim + i]) * scale;
+    __syncthreads();
+    const u16* kh = k_cache + (long)kvh * capacity * head_dim;
+    const u16* vh = v_cache + (long)kvh * capacity * head_dim;
+    for (int j = warp; j < keys; j += warps) {
+        const u16* kj = kh + (long)j * head_dim;
+        float s = 0.0f;
+        for (int i = lane; i < head_dim; i += 32) s += qs[i] * h2f(kj[i]);
+        s = warp_sum(s);
+        if (lane == 0) scores[j] = s;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) m = fmaxf(m, scores[j]);
+    m = block_reduce(m, scratch, true);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        const float p = __expf(scores[j] - m);
+        scores[j] = p;
+        sum += p;
+    }
+    const float inv = 1.0f / block_reduce(sum, scratch, false);
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < keys; ++j) acc += scores[j] * h2f(vh[(long)j * head_dim + i]);
+        out[h * head_dim + i] = f2h(acc * inv);
+    }
+}
+
+// out = silu(gate) · up, f16.
+extern "C" __global__ void silu_mul(const u16* gate, const u16* up, u16* out, int n) {
+    wait_for_previous();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float g = h2f(gate[i]);
+        out[i] = f2h(g / (1.0f + __expf(-g)) * h2f(up[i]));
+    }
+}
