@@ -2,7 +2,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+#[cfg(feature = "cuda")]
+use potptq_model::generate::generate_on_gpu;
 use potptq_model::generate::{generate, Sampling};
+#[cfg(feature = "cuda")]
+use potptq_model::gpu_decoder::GpuDecoder;
 use potptq_model::tokenizer::{decode, encode};
 use serde_json::json;
 
@@ -28,8 +32,8 @@ pub struct Args {
     /// products: faster, slightly different numbers).
     #[arg(long, value_enum, default_value = "f32")]
     kernels: KernelsArg,
-    /// Where the model runs: cpu, or cuda (packed linears through the fused GPU kernels, with
-    /// f16 activations).
+    /// Where the model runs: cpu, or cuda (a decoder whose steps replay as a CUDA graph:
+    /// packed linears through the fused GPU kernels, dense ones through cuBLAS, in f16).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Print the text and figures as one JSON object on the last line.
@@ -78,8 +82,6 @@ pub fn run(args: Args) -> Result<()> {
     let device = args.kernels.apply_on(args.device)?;
     let path = model_path(args.model)?;
     let loaded = potptq_model::load(&path)?;
-    let model = loaded.model.to_device(&device)?;
-    let (on_kernels, _) = gpu_kernel_linears(&model);
     let tokenizer = loaded.tokenizer()?;
     let prompt = encode(tokenizer, &args.prompt)?;
     if prompt.is_empty() {
@@ -89,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut ids = Vec::new();
     let mut printed = String::new();
     print!("{}", args.prompt);
-    let (_, stats) = generate(&model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, |id| {
+    let on_token = |id| {
         if loaded.eos_ids.contains(&id) {
             return Ok(());
         }
@@ -102,7 +104,20 @@ pub fn run(args: Args) -> Result<()> {
             printed = text;
         }
         Ok(())
-    })?;
+    };
+    let (on_kernels, stats) = match &device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => {
+            let capacity = (prompt.len() + args.max_tokens).clamp(1, loaded.model.config.max_position_embeddings);
+            let mut decoder = GpuDecoder::new(&loaded.model, &device, capacity, true)?;
+            let on_kernels = decoder.kernel_linears();
+            (on_kernels, generate_on_gpu(&mut decoder, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
+        }
+        _ => {
+            let model = loaded.model.to_device(&device)?;
+            (gpu_kernel_linears(&model).0, generate(&model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
+        }
+    };
     let text = decode(tokenizer, &ids)?;
     if text.len() > printed.len() && text.starts_with(printed.as_str()) {
         print!("{}", &text[printed.len()..]);

@@ -100,11 +100,8 @@ pub fn generate(
     max_tokens: usize,
     sampling: Sampling,
     stop: &[u32],
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
-    }
     let ctx = model.config.max_position_embeddings;
     if prompt.len() + max_tokens > ctx {
         bail!(
@@ -112,17 +109,55 @@ pub fn generate(
             prompt.len()
         );
     }
-    let mut sampler = Sampler::new(sampling)?;
     let mut cache = KvCache::new(model.config.num_layers);
-    let start = Instant::now();
-    let last_logits = |tokens: &[u32], cache: &mut KvCache| -> Result<Vec<f32>> {
+    let last_logits = |tokens: &[u32]| -> Result<Vec<f32>> {
         let input = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)?;
-        let hidden = model.forward_hidden(&input, Some(cache))?;
+        let hidden = model.forward_hidden(&input, Some(&mut cache))?;
         let last = hidden.get(0)?.narrow(0, tokens.len() - 1, 1)?;
         let logits = model.logits(&last)?;
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     };
-    let mut logits = last_logits(prompt, &mut cache)?;
+    sample_tokens(prompt, max_tokens, sampling, stop, on_token, last_logits)
+}
+
+/// `generate` through a GPU decoder (its KV cache emptied first): the prompt fed one token at
+/// a time, then each new token.
+#[cfg(feature = "cuda")]
+pub fn generate_on_gpu(
+    decoder: &mut crate::gpu_decoder::GpuDecoder,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    stop: &[u32],
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    if prompt.len() + max_tokens > decoder.capacity() {
+        bail!(
+            "prompt ({} tokens) plus --max-tokens ({max_tokens}) exceeds the GPU decoder's {} positions",
+            prompt.len(),
+            decoder.capacity()
+        );
+    }
+    decoder.reset();
+    sample_tokens(prompt, max_tokens, sampling, stop, on_token, |tokens| decoder.prefill(tokens))
+}
+
+/// The generation loop: `last_logits` feeds tokens (the prompt, then one at a time) and returns
+/// the logits after the last.
+fn sample_tokens(
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    stop: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut last_logits: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut sampler = Sampler::new(sampling)?;
+    let start = Instant::now();
+    let mut logits = last_logits(prompt)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut out = Vec::new();
@@ -133,7 +168,7 @@ pub fn generate(
         if stop.contains(&next) || out.len() == max_tokens {
             break;
         }
-        logits = last_logits(&[next], &mut cache)?;
+        logits = last_logits(&[next])?;
     }
     let decode_seconds = decode_start.elapsed().as_secs_f64();
     Ok((

@@ -19,7 +19,7 @@ use potptq_kernels::PackedMatrix;
 use crate::kernel_ops::output_shape;
 
 /// The fused kernels of one device, once per process (each code format compiled on first use).
-fn kernels(dev: &CudaDevice) -> Result<Arc<Kernels>> {
+pub(crate) fn kernels(dev: &CudaDevice) -> Result<Arc<Kernels>> {
     static CACHE: OnceLock<Mutex<HashMap<DeviceId, Arc<Kernels>>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().map_err(|_| anyhow::anyhow!("kernel cache poisoned"))?;
     if let Some(k) = cache.get(&dev.id()) {

@@ -8,6 +8,8 @@ pub mod corpus;
 pub mod generate;
 pub mod gguf;
 #[cfg(feature = "cuda")]
+pub mod gpu_decoder;
+#[cfg(feature = "cuda")]
 pub mod gpu_ops;
 pub mod hf;
 pub mod kernel_ops;

@@ -173,3 +173,63 @@ fn on_a_gpu_the_packed_checkpoint_equals_the_cpu() {
         assert!(gap <= 1e-2, "{what}: logits differ by {gap}");
     }
 }
+
+/// The logits of `cpu` fed `tokens` one at a time with the KV cache.
+fn cpu_logits(cpu: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(cpu.config.num_layers);
+    tokens.iter().map(|&t| values(&cpu.forward(&Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap(), Some(&mut cache)).unwrap())).collect()
+}
+
+/// The GPU decoder (its steps launched one by one, or replayed as a CUDA graph) gives the CPU
+/// model's logits token by token: packed checkpoints (fused kernels for the linears of 64
+/// columns, f16 cuBLAS for those of 96), the FP model (all cuBLAS, f32 embeddings), GQA and
+/// q/k/v biases (qwen2). It refuses a full cache and an unknown token, and starts over after
+/// `reset`. Skipped without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_gpu_decoder_equals_the_cpu() {
+    use potptq_model::gpu_decoder::GpuDecoder;
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("no CUDA device: skipped");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for (fixture_name, quant) in [
+        ("tiny_llama", Some((Format::Pot, 2))),
+        ("tiny_qwen2", Some((Format::Pot, 3))),
+        ("tiny_mistral", Some((Format::Pot, 4))),
+        ("tiny_llama", Some((Format::IntAsym, 4))),
+        ("tiny_qwen2", Some((Format::IntAsym, 3))),
+        ("tiny_qwen2", None),
+        ("tiny_llama", None),
+    ] {
+        let (what, cpu) = match quant {
+            Some((format, bits)) => {
+                let what = format!("{fixture_name} {format:?} {bits} bits g64");
+                let (_, _, dir) = saved_checkpoint(tmp.path(), fixture_name, format, bits, 64, &what);
+                (what, potptq_model::load(&dir).unwrap().model)
+            }
+            None => (format!("{fixture_name} FP"), potptq_model::load(&fixture(fixture_name)).unwrap().model),
+        };
+        let tokens = &test_tokens(cpu.config.vocab_size)[..20];
+        let want = cpu_logits(&cpu, tokens);
+        for graph in [false, true] {
+            let mut dec = GpuDecoder::new(&cpu, &gpu, tokens.len(), graph).unwrap();
+            if quant.is_some() {
+                assert!(dec.kernel_linears() > 0, "{what}: no linear on the fused kernels");
+            }
+            for round in 0..2 {
+                for (i, &t) in tokens.iter().enumerate() {
+                    let got = dec.step(t).unwrap();
+                    let gap = max_rel(&got, &want[i]);
+                    assert!(gap <= 1e-2, "{what} graph={graph} round {round}: token {i}: logits differ by {gap}");
+                }
+                let e = dec.step(tokens[0]).unwrap_err();
+                assert!(e.to_string().contains("KV cache is full"), "{e}");
+                dec.reset();
+            }
+            let e = dec.step(cpu.config.vocab_size as u32).unwrap_err();
+            assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+        }
+    }
+}
