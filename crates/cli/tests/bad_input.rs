@@ -227,4 +227,5 @@ fn bench_decode_refuses_bad_settings() {
     fails_with(&["bench", "decode", "--blocks", "6,2"], "--blocks takes two counts");
     fails_with(&["bench", "decode", "--tokens", "1"], "--tokens must be at least 2");
     fails_with(&["bench", "decode", "--bits", "5"], "bits");
+    fails_with(&["bench", "decode", "--engines", "graph"], "on the CPU a model decodes by its tensor operations only");
 }

@@ -1,7 +1,9 @@
 //! `potptq bench decode`: whole-model decode of a synthetic Llama-2-7B-shaped model (random
 //! weights, a few transformer blocks) as `generate` runs it — KV cache, logits to the host and
-//! sampling there each token — for FP (f32), INT and PoT at each width, on the CPU or a GPU.
-//! Two block counts give what one block costs, and from it all 32 blocks' tokens/s.
+//! sampling there each token — for FP, INT and PoT at each width, on the CPU or a GPU, by the
+//! model's tensor operations or (on a GPU) by the GPU decoder, its step launched or replayed
+//! as a CUDA graph. Two block counts give what one block costs, and from it all 32 blocks'
+//! tokens/s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +37,10 @@ pub struct DecodeArgs {
     reps: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// How each step runs: ops (the model's tensor operations), launches or graph (the GPU
+    /// decoder). Default: ops on the CPU, all three on a GPU.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    engines: Option<Vec<Engine>>,
     #[arg(long)]
     json: bool,
 }
@@ -103,7 +109,8 @@ fn insert_random_linear(
             let words = xorshift_fill(rows * cols * bits as usize / 32, seed, |x| (x >> 32) as u32);
             let top = if format == Format::Pot { (1u32 << ((1 << (bits - 1)) - 1)) as f32 } else { (1u32 << bits) as f32 };
             let groups = layout.groups_per_row() * rows;
-            let scales: Vec<f32> = uniform(groups, seed + 1).map(|u| 0.02 / top * (0.5 + 0.5 * u)).collect();
+            // Through f16, as a checkpoint stores them (the GPU kernels take no other scale).
+            let scales: Vec<f32> = uniform(groups, seed + 1).map(|u| half::f16::from_f32(0.02 / top * (0.5 + 0.5 * u)).to_f32()).collect();
             let zeros: Vec<u8> = if format == Format::Pot { Vec::new() } else { uniform(groups, seed + 2).map(|u| (u * (1 << bits) as f32) as u8).collect() };
             packed.insert(name, Arc::new(PackedMatrix::new(format, bits, layout, words, scales, zeros)?));
         }
@@ -139,11 +146,69 @@ fn synthetic_model(blocks: usize, linears: Linears, device: &Device) -> Result<M
     Model::from_parts(cfg, tensors, packed)?.to_device(device)
 }
 
+/// How a decode step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The model's forward, tensor operation by tensor operation (as `eval` runs it).
+    Ops,
+    /// The GPU decoder's launches, issued each token (`potptq_model::gpu_decoder`).
+    Launches,
+    /// The GPU decoder's step replayed as a CUDA graph (as `generate --device cuda` runs it).
+    Graph,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Ops => "ops",
+            Engine::Launches => "launches",
+            Engine::Graph => "graph",
+        }
+    }
+
+    /// The FP model's linears: f32 tensors, or f16 through cuBLAS in the GPU decoder.
+    fn fp_name(self) -> &'static str {
+        match self {
+            Engine::Ops => "fp32",
+            _ => "fp16",
+        }
+    }
+}
+
 /// Seconds per decoded token of `model` (a one-token prompt, then `tokens` greedy tokens).
 fn seconds_per_token(model: &Model, tokens: usize) -> Result<f64> {
     let sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
     let (_, stats) = generate(model, &[1], tokens, sampling, &[], |_| Ok(()))?;
     Ok(1.0 / stats.decode_tokens_per_s)
+}
+
+/// Seconds per decoded token of `model` under `engine`, median of `reps` runs after one
+/// warm-up run.
+fn measure(model: &Model, engine: Engine, device: &Device, tokens: usize, reps: usize) -> Result<f64> {
+    let mut run: Box<dyn FnMut() -> Result<f64>> = match engine {
+        Engine::Ops => {
+            let on_device = model.to_device(device)?;
+            let (on_kernels, packed) = crate::common::gpu_kernel_linears(&on_device);
+            ensure!(device.is_cpu() || on_kernels == packed, "{on_kernels} of {packed} packed linears on the GPU kernels");
+            Box::new(move || seconds_per_token(&on_device, tokens))
+        }
+        #[cfg(feature = "cuda")]
+        Engine::Launches | Engine::Graph => {
+            let mut decoder = potptq_model::gpu_decoder::GpuDecoder::new(model, device, tokens + 1, engine == Engine::Graph)?;
+            let (_, packed) = crate::common::gpu_kernel_linears(model);
+            let on_kernels = decoder.kernel_linears();
+            ensure!(on_kernels == packed, "{on_kernels} of {packed} packed linears on the GPU kernels");
+            Box::new(move || {
+                let sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+                let (_, stats) = potptq_model::generate::generate_on_gpu(&mut decoder, &[1], tokens, sampling, &[], |_| Ok(()))?;
+                Ok(1.0 / stats.decode_tokens_per_s)
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Engine::Launches | Engine::Graph => anyhow::bail!("--engines {}: the GPU decoder needs a build with the `cuda` feature", engine.name()),
+    };
+    run()?;
+    Ok(median((0..reps).map(|_| run()).collect::<Result<Vec<_>>>()?))
 }
 
 pub fn run(a: DecodeArgs) -> Result<()> {
@@ -153,6 +218,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         potptq_quant::check_bits(Format::Pot, b)?;
     }
     let device = a.device.inference_device()?;
+    let engines = match &a.engines {
+        Some(e) => e.clone(),
+        None if device.is_cpu() => vec![Engine::Ops],
+        None => vec![Engine::Ops, Engine::Launches, Engine::Graph],
+    };
+    ensure!(!engines.is_empty(), "--engines is empty");
+    if device.is_cpu() {
+        ensure!(engines == [Engine::Ops], "on the CPU a model decodes by its tensor operations only (--engines ops)");
+    }
     let mut kinds = vec![Linears::Dense];
     for &b in &a.bits {
         kinds.push(Linears::Packed(Format::IntAsym, b));
@@ -182,36 +256,37 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             a.device.name(),
             a.reps
         );
-        println!("{:>10} {:>12} {:>12} {:>12} {:>16} {:>10}", "linears", format!("ms/tok {b0}b"), format!("ms/tok {b1}b"), "ms/block", "32 blocks tok/s", "vs fp32");
+        println!("{:>10} {:>9} {:>12} {:>12} {:>10} {:>16} {:>8}", "linears", "engine", format!("ms/tok {b0}b"), format!("ms/tok {b1}b"), "ms/block", "32 blocks tok/s", "vs FP");
+    }
+    // ms per token at each block count, by kind and engine.
+    let mut per_token = vec![vec![[0.0f64; 2]; engines.len()]; kinds.len()];
+    for (slot, &blocks) in [b0, b1].iter().enumerate() {
+        for (k, &kind) in kinds.iter().enumerate() {
+            let model = synthetic_model(blocks, kind, &Device::Cpu)?;
+            for (e, &engine) in engines.iter().enumerate() {
+                per_token[k][e][slot] = measure(&model, engine, &device, a.tokens, a.reps)?;
+                eprintln!("  {} {} blocks, {}: {:.3} ms/token", kind.name(), blocks, engine.name(), per_token[k][e][slot] * 1e3);
+            }
+        }
     }
     let mut rows = Vec::new();
-    let mut fp_tokens_per_s = None;
-    for kind in kinds {
-        let mut per_token = [0.0; 2];
-        for (slot, &blocks) in [b0, b1].iter().enumerate() {
-            let model = synthetic_model(blocks, kind, &device)?;
-            seconds_per_token(&model, 2)?;
-            per_token[slot] = median((0..a.reps).map(|_| seconds_per_token(&model, a.tokens)).collect::<Result<Vec<_>>>()?);
+    for (e, &engine) in engines.iter().enumerate() {
+        let mut fp_tokens_per_s = None;
+        for (k, &kind) in kinds.iter().enumerate() {
+            let [t0, t1] = per_token[k][e];
+            let block_s = (t1 - t0) / (b1 - b0) as f64;
+            let all_blocks_s = t0 + (32 - b0 as isize) as f64 * block_s;
+            let tokens_per_s = 1.0 / all_blocks_s;
+            let fp = *fp_tokens_per_s.get_or_insert(tokens_per_s);
+            let name = if matches!(kind, Linears::Dense) { engine.fp_name().to_string() } else { kind.name() };
+            if !a.json {
+                println!("{:>10} {:>9} {:>12.3} {:>12.3} {:>10.3} {:>16.1} {:>8.2}", name, engine.name(), t0 * 1e3, t1 * 1e3, block_s * 1e3, tokens_per_s, tokens_per_s / fp);
+            }
+            rows.push(json!({
+                "linears": name, "engine": engine.name(), "ms_per_token": [t0 * 1e3, t1 * 1e3], "ms_per_block": block_s * 1e3,
+                "projected_tokens_per_s_32_blocks": tokens_per_s, "vs_fp": tokens_per_s / fp,
+            }));
         }
-        let block_s = (per_token[1] - per_token[0]) / (b1 - b0) as f64;
-        let all_blocks_s = per_token[0] + (32 - b0 as isize) as f64 * block_s;
-        let tokens_per_s = 1.0 / all_blocks_s;
-        let fp = *fp_tokens_per_s.get_or_insert(tokens_per_s);
-        if !a.json {
-            println!(
-                "{:>10} {:>12.3} {:>12.3} {:>12.3} {:>16.1} {:>10.2}",
-                kind.name(),
-                per_token[0] * 1e3,
-                per_token[1] * 1e3,
-                block_s * 1e3,
-                tokens_per_s,
-                tokens_per_s / fp
-            );
-        }
-        rows.push(json!({
-            "linears": kind.name(), "ms_per_token": [per_token[0] * 1e3, per_token[1] * 1e3], "ms_per_block": block_s * 1e3,
-            "projected_tokens_per_s_32_blocks": tokens_per_s, "vs_fp32": tokens_per_s / fp,
-        }));
     }
     if a.json {
         print_json(&json!({"bench": "decode", "device": a.device.name(), "blocks": [b0, b1], "tokens": a.tokens, "reps": a.reps, "op_us": op_us, "results": rows}));
