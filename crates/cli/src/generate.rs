@@ -32,8 +32,9 @@ pub struct Args {
     /// products: faster, slightly different numbers).
     #[arg(long, value_enum, default_value = "f32")]
     kernels: KernelsArg,
-    /// Where the model runs: cpu, or cuda (a decoder whose steps replay as a CUDA graph:
-    /// packed linears through the fused GPU kernels, dense ones through cuBLAS, in f16).
+    /// Where the model runs: cpu, or cuda (up to 512 positions a decoder whose steps replay as
+    /// a CUDA graph: packed linears through the fused GPU kernels, dense ones through cuBLAS,
+    /// in f16; beyond, the model's tensor operations).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Print the text and figures as one JSON object on the last line.
@@ -75,6 +76,14 @@ impl KernelsArg {
     }
 }
 
+/// Positions up to which `generate --device cuda` decodes through the GPU decoder; longer
+/// generations go through the model's tensor operations. The decoder's attention (a block per
+/// query head) costs about 0.5 µs per cached position a block on a 7B-shaped model (`bench
+/// decode`, H200: 32 against 128 tokens), while the tensor operations' batched attention stays
+/// near their host-bound 0.3 ms a block: beyond a few hundred positions the decoder's lead is gone.
+#[cfg(feature = "cuda")]
+pub const GPU_DECODER_MAX_POSITIONS: usize = 512;
+
 pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() {
         bail!("the prompt is empty");
@@ -105,17 +114,19 @@ pub fn run(args: Args) -> Result<()> {
         }
         Ok(())
     };
-    let (on_kernels, stats) = match &device {
+    #[cfg(feature = "cuda")]
+    let positions = prompt.len() + args.max_tokens;
+    let (engine, on_kernels, stats) = match &device {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => {
-            let capacity = (prompt.len() + args.max_tokens).clamp(1, loaded.model.config.max_position_embeddings);
+        candle_core::Device::Cuda(_) if positions <= GPU_DECODER_MAX_POSITIONS => {
+            let capacity = positions.clamp(1, loaded.model.config.max_position_embeddings);
             let mut decoder = GpuDecoder::new(&loaded.model, &device, capacity, true)?;
             let on_kernels = decoder.kernel_linears();
-            (on_kernels, generate_on_gpu(&mut decoder, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
+            ("gpu decoder", on_kernels, generate_on_gpu(&mut decoder, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
         }
         _ => {
             let model = loaded.model.to_device(&device)?;
-            (gpu_kernel_linears(&model).0, generate(&model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
+            ("tensor ops", gpu_kernel_linears(&model).0, generate(&model, &prompt, args.max_tokens, sampling, &loaded.eos_ids, on_token)?.1)
         }
     };
     let text = decode(tokenizer, &ids)?;
@@ -125,7 +136,7 @@ pub fn run(args: Args) -> Result<()> {
     println!();
     let resident = potptq_model::memory::resident();
     eprintln!(
-        "{} prompt tokens, {} generated; prefill {:.2} s, decode {:.1} tokens/s; {}",
+        "{} prompt tokens, {} generated; prefill {:.2} s, decode {:.1} tokens/s ({engine}); {}",
         stats.prompt_tokens,
         stats.generated_tokens,
         stats.prefill_seconds,
@@ -144,6 +155,7 @@ pub fn run(args: Args) -> Result<()> {
             "kernels": args.kernels.name(),
             "device": args.device.name(),
             "gpu_kernel_linears": on_kernels,
+            "engine": engine,
             "resident_bytes": resident.map(|r| r.bytes),
             "peak_resident_bytes": resident.map(|r| r.peak_bytes),
         }));
