@@ -3,9 +3,10 @@
 //! Every buffer is allocated once (the KV cache for a fixed number of positions included), and
 //! a decode step is a fixed sequence of launches: the fused products for packed linears,
 //! cuBLAS f16 for dense ones (q, k, v stacked by rows into one product, as are gate and up),
-//! and `decode.cu` around them, reading the token and its position from device memory. So the step is captured once as a CUDA graph and replayed each token:
-//! the host issues one launch a token instead of ~30 tensor operations a block, each of which
-//! costs it several microseconds (`potptq bench decode`).
+//! and `decode.cu` around them, reading the token and its position from device memory. So
+//! the step is captured once as a CUDA graph and replayed each token: the host issues one
+//! launch a token instead of ~30 tensor operations a block, each of which costs it several
+//! microseconds (`potptq bench decode`).
 //!
 //! Numerics: activations between kernels in f16 (the products read f16 either way), the
 //! residual stream and all sums in f32, the KV cache in f16. The model's forward on the CPU
@@ -22,10 +23,9 @@ use half::f16;
 use potptq_kernels::cuda::decode::{DecodeKernels, Heads, RopeAppend};
 use potptq_kernels::cuda::gpu::{GpuMatrix, Io, Kernels};
 use potptq_kernels::cuda::GpuLayout;
-
-use crate::config::Config;
 use potptq_kernels::PackedMatrix;
 
+use crate::config::Config;
 use crate::llama::{Linear, Model};
 
 /// cuBLAS's workspace, given to it so that a captured product never allocates.
