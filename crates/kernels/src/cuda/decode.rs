@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use super::gpu::{arg, launch, target};
 
 /// The kernels, compiled at run time by NVRTC.
 pub const SOURCE: &str = include_str!("decode.cu");
@@ -59,10 +61,6 @@ pub struct Heads {
     pub capacity: usize,
 }
 
-fn arg<T>(v: &T) -> *mut c_void {
-    v as *const T as *mut c_void
-}
-
 fn grid_for(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 1024) as u32
 }
@@ -71,10 +69,9 @@ impl DecodeKernels {
     /// Compiles `decode.cu` for the GPU of `stream`, its attention able to read `capacity`
     /// keys of `head_dim` (its scores sit in shared memory).
     pub fn new(stream: Arc<CudaStream>, capacity: usize, head_dim: usize) -> Result<Self> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::{CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN};
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let ctx = stream.context();
-        let major = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
-        let arch = if major >= 9 { "compute_90" } else { "compute_80" };
+        let (arch, dependent_launch) = target(&stream)?;
         let opts = CompileOptions { arch: Some(arch), name: Some("decode.cu".into()), ..Default::default() };
         let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| anyhow::anyhow!("NVRTC: {e:?}"))?;
         let module = ctx.load_module(ptx).context("loading decode PTX")?;
@@ -86,7 +83,6 @@ impl DecodeKernels {
         if shared > 48 * 1024 {
             attention.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).context("attention's shared memory")?;
         }
-        let dependent_launch = major >= 9;
         Ok(Self { embed: f("embed")?, norm: f("residual_rms_norm")?, rope: f("rope_append")?, attention, silu_mul: f("silu_mul")?, stream, capacity, dependent_launch })
     }
 
@@ -95,24 +91,8 @@ impl DecodeKernels {
     /// # Safety
     /// `args` must point to `f`'s arguments, in order and of its types.
     unsafe fn launch(&self, f: &CudaFunction, grid: u32, block: u32, shared: u32, dependent: bool, args: &mut [*mut c_void]) -> Result<()> {
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: shared,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: (dependent && self.dependent_launch) as u32,
-        };
-        self.stream.context().bind_to_thread()?;
-        sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result().context("cuLaunchKernelEx")?;
-        Ok(())
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        launch(&self.stream, f, cfg, dependent && self.dependent_launch, args)
     }
 
     fn attention_shared(capacity: usize, head_dim: usize) -> usize {

@@ -1,6 +1,7 @@
 //! Host side of `qgemm.cu`: NVRTC compilation at run time, uploads, launches.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
@@ -101,12 +102,51 @@ pub fn compile_for(arch: &'static str, formats: Option<Option<(bool, u8)>>) -> R
     compile_ptx_with_opts(SOURCE, opts).map_err(|e| anyhow::anyhow!("NVRTC: {e:?}"))
 }
 
+/// The virtual architecture to compile for on the GPU of `stream`, and whether that GPU has
+/// programmatic dependent launch (sm_90 and newer; compute_90 has its instructions).
+pub(crate) fn target(stream: &CudaStream) -> Result<(&'static str, bool)> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+    let major = stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
+    Ok(if major >= 9 { ("compute_90", true) } else { ("compute_80", false) })
+}
+
+/// A kernel argument as `cuLaunchKernelEx` takes it.
+pub(crate) fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+/// Launches `f` on `stream`; with `dependent`, allowed to start before the previous launch
+/// ends (programmatic stream serialization): the kernel then waits for it before reading what
+/// it may have written (`qgemm.cu`, `decode.cu`).
+///
+/// # Safety
+/// `args` must point to `f`'s arguments, in order and of its types; `dependent` only on a GPU
+/// that has dependent launch (`target`).
+pub(crate) unsafe fn launch(stream: &CudaStream, f: &CudaFunction, cfg: LaunchConfig, dependent: bool, args: &mut [*mut c_void]) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: dependent as u32,
+    };
+    stream.context().bind_to_thread()?;
+    sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result().context("cuLaunchKernelEx")?;
+    Ok(())
+}
+
 impl Kernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
-        let major = stream.context().attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).context("compute capability")?;
-        let can_launch_dependent = major >= 9;
-        let arch = if can_launch_dependent { "compute_90" } else { "compute_80" };
+        let (arch, can_launch_dependent) = target(&stream)?;
         let module = stream.context().load_module(compile_for(arch, None)?).context("loading qgemm PTX")?;
         let copy = module.load_function("copy_u4").context("kernel copy_u4")?;
         let read = module.load_function("read_u4").context("kernel read_u4")?;
@@ -216,11 +256,8 @@ impl Kernels {
             // One token tile only: a block of many tokens is one of several an SM holds, and a
             // launch started early took SMs unevenly (measured slower at 16 tokens).
             if self.dependent_launch && c.nt == 1 {
-                fn arg<T>(v: &T) -> *mut std::ffi::c_void {
-                    v as *const T as *mut std::ffi::c_void
-                }
                 let mut args = [arg(&wp), arg(&mp), arg(&xp), arg(&yp), arg(&n), arg(&k), arg(&bi), arg(&tpg), arg(&flags)];
-                self.launch_dependent(f, cfg, &mut args)?;
+                launch(&self.stream, f, cfg, true, &mut args)?;
             } else {
                 let mut l = self.stream.launch_builder(f);
                 l.arg(&wp).arg(&mp).arg(&xp).arg(&yp).arg(&n).arg(&k).arg(&bi).arg(&tpg).arg(&flags);
@@ -228,33 +265,6 @@ impl Kernels {
             }
             done += b;
         }
-        Ok(())
-    }
-
-    /// Launches `f` on this stream allowed to start before the previous launch ends
-    /// (programmatic stream serialization): the kernel waits for it before reading what it
-    /// may have written (`qgemm.cu`).
-    ///
-    /// # Safety
-    /// `args` must point to `f`'s arguments, in order and of its types.
-    unsafe fn launch_dependent(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result().context("cuLaunchKernelEx")?;
         Ok(())
     }
 
