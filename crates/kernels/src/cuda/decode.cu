@@ -121,33 +121,53 @@ extern "C" __global__ void rope_append(
     v_cache[to + i + half] = f2h(e);
 }
 
-// One query head per block over keys 0..=pos of its KV head: scores (a warp per key, lanes
-// over the head's dimensions) into shared memory, the softmax there, then each thread sums
-// the values of one dimension. Dynamic shared memory: (pos + 1 ≤ capacity) + head_dim floats.
+// Up to this many f32 per lane hold a head's output dimensions (head_dim ≤ 32·MAX_DIMS).
+#define MAX_DIMS 8
+
+// The dot product of f32 `q` (shared) with the f16 row `k` of `n` elements, 8 at a time when
+// `n` is a multiple of 8 (16-byte loads; rows then start 16-byte aligned).
+__device__ __forceinline__ float dot_row(const float* q, const u16* k, int n) {
+    float s = 0.0f;
+    if ((n & 7) == 0) {
+        for (int i = 0; i < n; i += 8) {
+            const uint4 w = *(const uint4*)(k + i);
+            const u32 parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                s += q[i + 2 * p] * h2f((u16)(parts[p] & 0xffffu)) + q[i + 2 * p + 1] * h2f((u16)(parts[p] >> 16));
+        }
+    } else {
+        for (int i = 0; i < n; ++i) s += q[i] * h2f(k[i]);
+    }
+    return s;
+}
+
+// One query head per block over keys 0..=pos of its KV head. Scores: a thread per key, the
+// whole dot product in its registers, into shared memory; the softmax there; the weighted sum
+// of values: each warp takes every warps-th key, its lanes the head's dimensions (coalesced
+// rows), and the warps' partial sums are added at the end. Dynamic shared memory:
+// head_dim + capacity + warps·head_dim floats.
 extern "C" __global__ void attention(
     const u16* q, const u16* k_cache, const u16* v_cache, const int* position, u16* out,
     int heads, int kv_heads, int head_dim, int capacity, float scale) {
     wait_for_previous();
     extern __shared__ float smem[];
     __shared__ float scratch[32];
-    float* qs = smem;
-    float* scores = smem + head_dim;
-    const int h = blockIdx.x, kvh = h / (heads / kv_heads), keys = *position + 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float* qs = smem;
+    float* scores = qs + head_dim;
+    float* partial = scores + capacity;
+    const int h = blockIdx.x, kvh = h / (heads / kv_heads), keys = *position + 1;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = h2f(q[h * head_dim + i]) * scale;
     __syncthreads();
     const u16* kh = k_cache + (long)kvh * capacity * head_dim;
     const u16* vh = v_cache + (long)kvh * capacity * head_dim;
-    for (int j = warp; j < keys; j += warps) {
-        const u16* kj = kh + (long)j * head_dim;
-        float s = 0.0f;
-        for (int i = lane; i < head_dim; i += 32) s += qs[i] * h2f(kj[i]);
-        s = warp_sum(s);
-        if (lane == 0) scores[j] = s;
-    }
-    __syncthreads();
     float m = NEG_INF;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) m = fmaxf(m, scores[j]);
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        const float s = dot_row(qs, kh + (long)j * head_dim, head_dim);
+        scores[j] = s;
+        m = fmaxf(m, s);
+    }
     m = block_reduce(m, scratch, true);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
@@ -156,10 +176,29 @@ extern "C" __global__ void attention(
         sum += p;
     }
     const float inv = 1.0f / block_reduce(sum, scratch, false);
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < keys; ++j) acc += scores[j] * h2f(vh[(long)j * head_dim + i]);
-        out[h * head_dim + i] = f2h(acc * inv);
+    float acc[MAX_DIMS];
+#pragma unroll
+    for (int t = 0; t < MAX_DIMS; ++t) acc[t] = 0.0f;
+#pragma unroll 4
+    for (int j = warp; j < keys; j += warps) {
+        const float p = scores[j];
+        const u16* vj = vh + (long)j * head_dim;
+#pragma unroll
+        for (int t = 0; t < MAX_DIMS; ++t) {
+            const int d = lane + 32 * t;
+            if (d < head_dim) acc[t] += p * h2f(vj[d]);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MAX_DIMS; ++t) {
+        const int d = lane + 32 * t;
+        if (d < head_dim) partial[warp * head_dim + d] = acc[t];
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < warps; ++w) o += partial[w * head_dim + d];
+        out[h * head_dim + d] = f2h(o * inv);
     }
 }
 

@@ -15,8 +15,10 @@ use super::gpu::{arg, launch, target};
 /// The kernels, compiled at run time by NVRTC.
 pub const SOURCE: &str = include_str!("decode.cu");
 
-/// Threads of the attention's blocks (one block per query head).
-const ATTENTION_THREADS: u32 = 128;
+/// Threads of the attention's blocks (one block per query head): 8 warps.
+const ATTENTION_THREADS: u32 = 256;
+/// The largest head dimension the attention takes (`MAX_DIMS` f32 a lane in `decode.cu`).
+pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of the single-block RMS norm.
 const NORM_THREADS: u32 = 1024;
 
@@ -76,10 +78,11 @@ impl DecodeKernels {
         let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| anyhow::anyhow!("NVRTC: {e:?}"))?;
         let module = ctx.load_module(ptx).context("loading decode PTX")?;
         let f = |name: &str| module.load_function(name).with_context(|| format!("kernel {name}"));
+        ensure!(head_dim.is_multiple_of(2) && head_dim <= MAX_HEAD_DIM, "the GPU decoder takes even head dimensions up to {MAX_HEAD_DIM}, not {head_dim}");
         let attention = f("attention")?;
         let shared = Self::attention_shared(capacity, head_dim);
         let limit = ctx.attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).context("shared memory per block")? as usize;
-        ensure!(shared <= limit, "the GPU attention holds at most {} positions of head dimension {head_dim}, not {capacity}", limit / 4 - head_dim);
+        ensure!(shared <= limit, "the GPU attention holds at most {} positions of head dimension {head_dim}, not {capacity}", (limit - Self::attention_shared(0, head_dim)) / 4);
         if shared > 48 * 1024 {
             attention.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).context("attention's shared memory")?;
         }
@@ -95,8 +98,9 @@ impl DecodeKernels {
         launch(&self.stream, f, cfg, dependent && self.dependent_launch, args)
     }
 
+    /// The query, the scores, and each warp's partial output, in f32.
     fn attention_shared(capacity: usize, head_dim: usize) -> usize {
-        4 * (capacity + head_dim)
+        4 * (head_dim + capacity + (ATTENTION_THREADS as usize / 32) * head_dim)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
