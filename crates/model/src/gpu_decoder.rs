@@ -219,10 +219,42 @@ impl GpuDecoder {
 
     /// Feeds `token` at the next position and returns the logits that follow it.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        ensure!(self.position < self.capacity, "the GPU KV cache is full ({} positions)", self.capacity);
-        ensure!((token as usize) < self.cfg.vocab_size, "token {token} is outside the vocabulary of {}", self.cfg.vocab_size);
+        self.check(token, 1)?;
         let input = [token as i32, self.position as i32];
         self.stream.memcpy_htod(&input, &mut self.buf.input)?;
+        self.run_step()?;
+        Ok(self.stream.clone_dtoh(&self.buf.logits)?)
+    }
+
+    /// Feeds `tokens` one by one; the logits after the last. The prompt's token and position
+    /// pairs go to the GPU at once and each step copies its own there, so the steps queue
+    /// without the host waiting; only the last one's logits come back.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (&last, rest) = tokens.split_last().context("no tokens")?;
+        for (i, &t) in rest.iter().enumerate() {
+            self.check(t, tokens.len() - i)?;
+        }
+        if !rest.is_empty() {
+            let pairs: Vec<i32> = rest.iter().enumerate().flat_map(|(i, &t)| [t as i32, (self.position + i) as i32]).collect();
+            let pairs = self.stream.clone_htod(&pairs)?;
+            for i in 0..rest.len() {
+                self.stream.memcpy_dtod(&pairs.slice(2 * i..2 * i + 2), &mut self.buf.input)?;
+                self.run_step()?;
+            }
+        }
+        self.step(last)
+    }
+
+    /// That `token` is in the vocabulary and `count` more positions fit in the cache.
+    fn check(&self, token: u32, count: usize) -> Result<()> {
+        ensure!(self.position + count <= self.capacity, "the GPU KV cache is full ({} positions)", self.capacity);
+        ensure!((token as usize) < self.cfg.vocab_size, "token {token} is outside the vocabulary of {}", self.cfg.vocab_size);
+        Ok(())
+    }
+
+    /// Queues one step on the token and position in `buf.input`; its logits land in
+    /// `buf.logits`.
+    fn run_step(&mut self) -> Result<()> {
         match &self.graph {
             Some(g) => g.launch()?,
             None => {
@@ -233,19 +265,8 @@ impl GpuDecoder {
                 }
             }
         }
-        let logits = self.stream.clone_dtoh(&self.buf.logits)?;
         self.position += 1;
-        Ok(logits)
-    }
-
-    /// Feeds `tokens` one by one; the logits after the last.
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        ensure!(!tokens.is_empty(), "no tokens");
-        let mut logits = Vec::new();
-        for &t in tokens {
-            logits = self.step(t)?;
-        }
-        Ok(logits)
+        Ok(())
     }
 
     fn capture(&self) -> Result<CudaGraph> {

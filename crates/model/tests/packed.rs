@@ -230,6 +230,28 @@ fn the_gpu_decoder_equals_the_cpu() {
             }
             let e = dec.step(cpu.config.vocab_size as u32).unwrap_err();
             assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+            // A prefill queues its steps and returns the last one's logits; the cache it
+            // wrote serves the steps after it.
+            dec.reset();
+            let split = tokens.len() - 5;
+            let got = dec.prefill(&tokens[..split]).unwrap();
+            assert!(max_rel(&got, &want[split - 1]) <= 1e-2, "{what} graph={graph}: prefill logits");
+            for (i, &t) in tokens.iter().enumerate().skip(split) {
+                let gap = max_rel(&dec.step(t).unwrap(), &want[i]);
+                assert!(gap <= 1e-2, "{what} graph={graph}: token {i} after the prefill: logits differ by {gap}");
+            }
+            dec.reset();
+            let e = dec.prefill(&[tokens, &tokens[..1]].concat()).unwrap_err();
+            assert!(e.to_string().contains("KV cache is full") && dec.position() == 0, "{e}");
+            let e = dec.prefill(&[]).unwrap_err();
+            assert!(e.to_string().contains("no tokens"), "{e}");
+            let e = potptq_model::generate::generate_on_gpu(&mut dec, &tokens[..10], 11, potptq_model::generate::Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }, &[], |_| Ok(())).unwrap_err();
+            assert!(e.to_string().contains("exceeds the GPU decoder's 20 positions"), "{e}");
         }
+        let context = cpu.config.max_position_embeddings;
+        let e = GpuDecoder::new(&cpu, &gpu, context + 1, true).err().unwrap();
+        assert!(e.to_string().contains(&format!("the model's context is {context}")), "{e}");
+        let e = GpuDecoder::new(&cpu, &Device::Cpu, 8, true).err().unwrap();
+        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
     }
 }
