@@ -175,6 +175,7 @@ fn on_a_gpu_the_packed_checkpoint_equals_the_cpu() {
 }
 
 /// The logits of `cpu` fed `tokens` one at a time with the KV cache.
+#[cfg(feature = "cuda")]
 fn cpu_logits(cpu: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(cpu.config.num_layers);
     tokens.iter().map(|&t| values(&cpu.forward(&Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap(), Some(&mut cache)).unwrap())).collect()
