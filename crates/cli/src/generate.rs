@@ -32,7 +32,7 @@ pub struct Args {
     /// products: faster, slightly different numbers).
     #[arg(long, value_enum, default_value = "f32")]
     kernels: KernelsArg,
-    /// Where the model runs: cpu, or cuda (up to 512 positions a decoder whose steps replay as
+    /// Where the model runs: cpu, or cuda (up to 4096 positions a decoder whose steps replay as
     /// a CUDA graph: packed linears through the fused GPU kernels, dense ones through cuBLAS,
     /// in f16; beyond, the model's tensor operations).
     #[arg(long, value_enum, default_value = "cpu")]
