@@ -256,3 +256,35 @@ fn the_gpu_decoder_equals_the_cpu() {
         assert!(e.to_string().contains("needs a CUDA device"), "{e}");
     }
 }
+
+/// Past one round of the attention block's 256 threads (and many of its 8 warps): the GPU
+/// decoder over 600 positions of the FP llama fixture, its context widened to 600, against
+/// the CPU model, token by token after a prefill. Skipped without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_gpu_decoder_attends_over_long_caches() {
+    use potptq_model::gpu_decoder::GpuDecoder;
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("no CUDA device: skipped");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny_llama");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    assert!(config.contains("\"max_position_embeddings\": 128"));
+    std::fs::write(tmp.path().join("config.json"), config.replace("\"max_position_embeddings\": 128", "\"max_position_embeddings\": 600")).unwrap();
+    let cpu = potptq_model::load(tmp.path()).unwrap().model;
+    assert_eq!(cpu.config.max_position_embeddings, 600);
+    let tokens: Vec<u32> = (0..600u32).map(|i| (i * 37 + 11) % cpu.config.vocab_size as u32).collect();
+    let want = cpu_logits(&cpu, &tokens);
+    let mut dec = GpuDecoder::new(&cpu, &gpu, tokens.len(), true).unwrap();
+    let got = dec.prefill(&tokens[..300]).unwrap();
+    assert!(max_rel(&got, &want[299]) <= 1e-2, "prefill of 300 tokens");
+    for (i, &t) in tokens.iter().enumerate().skip(300) {
+        let gap = max_rel(&dec.step(t).unwrap(), &want[i]);
+        assert!(gap <= 1e-2, "token {i}: logits differ by {gap}");
+    }
+}
