@@ -119,7 +119,7 @@ impl GpuDecoder {
         ensure!(capacity >= 1 && capacity <= cfg.max_position_embeddings, "a KV cache of {capacity} positions: the model's context is {}", cfg.max_position_embeddings);
         let stream = dev.cuda_stream();
         let kernels = crate::gpu_ops::kernels(dev)?;
-        let decode = DecodeKernels::new(stream.clone(), capacity, cfg.head_dim)?;
+        let decode = DecodeKernels::new(stream.clone(), Heads { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, capacity })?;
         let blas = CudaBlas::new(stream.clone()).context("cuBLAS")?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
         // SAFETY: the workspace lives as long as the handle (both fields of the decoder).

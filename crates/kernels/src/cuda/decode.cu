@@ -142,45 +142,52 @@ __device__ __forceinline__ float dot_row(const float* q, const u16* k, int n) {
     return s;
 }
 
-// One query head per block over keys 0..=pos of its KV head. Scores: a thread per key, the
-// whole dot product in its registers, into shared memory; the softmax there; the weighted sum
-// of values: each warp takes every warps-th key, its lanes the head's dimensions (coalesced
-// rows), and the warps' partial sums are added at the end. Dynamic shared memory:
-// head_dim + capacity + warps·head_dim floats.
+// One query head per block row (blockIdx.x) over keys 0..=pos of its KV head, the keys split
+// in gridDim.y equal runs, a block each (long caches then spread over the GPU, not 32 SMs).
+// Scores: a thread per key, the whole dot product in its registers, into shared memory; the
+// softmax there; the weighted sum of values: each warp takes every warps-th key, its lanes the
+// head's dimensions (coalesced rows), and the warps' partial sums are added at the end. One
+// run writes the output; several write their max, sum and unnormalized output to `partials`
+// (f32 [heads, runs, 2 + head_dim]) and the last of a head's blocks to finish (`done`, a
+// count per head, left at 0) combines them. Dynamic shared memory: head_dim + ⌈capacity /
+// runs⌉ + warps·head_dim floats.
 extern "C" __global__ void attention(
     const u16* q, const u16* k_cache, const u16* v_cache, const int* position, u16* out,
-    int heads, int kv_heads, int head_dim, int capacity, float scale) {
+    float* partials, unsigned* done, int heads, int kv_heads, int head_dim, int capacity, float scale) {
     wait_for_previous();
     extern __shared__ float smem[];
     __shared__ float scratch[32];
+    __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int runs = gridDim.y, run = blockIdx.y, per_run = (capacity + runs - 1) / runs;
     float* qs = smem;
     float* scores = qs + head_dim;
-    float* partial = scores + capacity;
+    float* partial = scores + per_run;
     const int h = blockIdx.x, kvh = h / (heads / kv_heads), keys = *position + 1;
+    const int span = (keys + runs - 1) / runs, j0 = run * span, n = max(0, min(keys, j0 + span) - j0);
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = h2f(q[h * head_dim + i]) * scale;
     __syncthreads();
-    const u16* kh = k_cache + (long)kvh * capacity * head_dim;
-    const u16* vh = v_cache + (long)kvh * capacity * head_dim;
+    const u16* kh = k_cache + ((long)kvh * capacity + j0) * head_dim;
+    const u16* vh = v_cache + ((long)kvh * capacity + j0) * head_dim;
     float m = NEG_INF;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const float s = dot_row(qs, kh + (long)j * head_dim, head_dim);
         scores[j] = s;
         m = fmaxf(m, s);
     }
     m = block_reduce(m, scratch, true);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const float p = __expf(scores[j] - m);
         scores[j] = p;
         sum += p;
     }
-    const float inv = 1.0f / block_reduce(sum, scratch, false);
+    sum = block_reduce(sum, scratch, false);
     float acc[MAX_DIMS];
 #pragma unroll
     for (int t = 0; t < MAX_DIMS; ++t) acc[t] = 0.0f;
 #pragma unroll 4
-    for (int j = warp; j < keys; j += warps) {
+    for (int j = warp; j < n; j += warps) {
         const float p = scores[j];
         const u16* vj = vh + (long)j * head_dim;
 #pragma unroll
@@ -195,11 +202,49 @@ extern "C" __global__ void attention(
         if (d < head_dim) partial[warp * head_dim + d] = acc[t];
     }
     __syncthreads();
+    if (runs == 1) {
+        const float inv = 1.0f / sum;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int w = 0; w < warps; ++w) o += partial[w * head_dim + d];
+            out[h * head_dim + d] = f2h(o * inv);
+        }
+        return;
+    }
+    float* mine = partials + ((long)h * runs + run) * (2 + head_dim);
+    if (threadIdx.x == 0) {
+        mine[0] = m;
+        mine[1] = sum;
+    }
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;
         for (int w = 0; w < warps; ++w) o += partial[w * head_dim + d];
-        out[h * head_dim + d] = f2h(o * inv);
+        mine[2 + d] = o;
     }
+    // The classic last-block reduction: every thread's writes visible device-wide before its
+    // block counts itself done.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&done[h], 1u) == (unsigned)runs - 1;
+    __syncthreads();
+    if (!last) return;
+    const float* all = partials + (long)h * runs * (2 + head_dim);
+    float top = NEG_INF;
+    for (int r = 0; r < runs; ++r) top = fmaxf(top, __ldcg(all + r * (2 + head_dim)));
+    float total = 0.0f;
+    for (int r = 0; r < runs; ++r) {
+        const float mr = __ldcg(all + r * (2 + head_dim));
+        if (mr != NEG_INF) total += __ldcg(all + r * (2 + head_dim) + 1) * __expf(mr - top);
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int r = 0; r < runs; ++r) {
+            const float mr = __ldcg(all + r * (2 + head_dim));
+            if (mr != NEG_INF) o += __ldcg(all + r * (2 + head_dim) + 2 + d) * __expf(mr - top);
+        }
+        out[h * head_dim + d] = f2h(o / total);
+    }
+    if (threadIdx.x == 0) done[h] = 0;
 }
 
 // out = silu(gate) · up, f16.
