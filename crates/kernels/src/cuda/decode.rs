@@ -26,6 +26,7 @@ const MAX_RUNS: usize = 8;
 pub fn attention_runs(capacity: usize) -> usize {
     capacity.div_ceil(KEYS_PER_RUN).clamp(1, MAX_RUNS)
 }
+
 /// The largest head dimension the attention takes (`MAX_DIMS` f32 a lane in `decode.cu`).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of the single-block RMS norm.
