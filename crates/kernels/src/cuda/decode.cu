@@ -5,10 +5,8 @@
 // token and can be replayed as a CUDA graph. Compiled at run time by NVRTC; no headers.
 //
 // Activations between kernels are f16 (what the fused products read and write); the residual
-// stream is f32; sums are f32. `u16` holds an f16.
-
-typedef unsigned short u16;
-typedef unsigned int u32;
+// stream is f32; sums are f32. `u16` holds an f16. The types, the f32 → f16 conversion and
+// the dependent-launch pair come from common.cuh, in front of this file.
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -16,12 +14,6 @@ __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
-}
-
-__device__ __forceinline__ u16 f2h(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -37,10 +29,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // Launched dependently (sm_90+): the previous kernel may still run until this wait returns,
 // and the next may start launching right after it (it waits for this one to end in turn).
 __device__ __forceinline__ void wait_for_previous() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    wait_for_previous_launch();
+    let_next_launch_start();
 }
 
 // The sum (or max) of `v` over the block, returned to every thread. `scratch`: 32 floats.
@@ -76,7 +66,7 @@ extern "C" __global__ void residual_rms_norm(float* x, const u16* delta, const f
         ss += v * v;
     }
     const float inv = rsqrtf(block_reduce(ss, scratch, false) / d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = f2h(x[i] * inv * w[i]);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = f32_to_f16(x[i] * inv * w[i]);
 }
 
 // Rotates the half-split pair (i, i + half) of a head by the angle of `pos`.
@@ -103,8 +93,8 @@ extern "C" __global__ void rope_append(
         float a = h2f(row[i]), b = h2f(row[i + half]);
         if (q_bias) a += q_bias[h * head_dim + i], b += q_bias[h * head_dim + i + half];
         rotate(a, b, cos_t, sin_t, pos, half, i);
-        row[i] = f2h(a);
-        row[i + half] = f2h(b);
+        row[i] = f32_to_f16(a);
+        row[i + half] = f32_to_f16(b);
         return;
     }
     h -= heads;
@@ -113,12 +103,12 @@ extern "C" __global__ void rope_append(
     float a = h2f(k[at + i]), b = h2f(k[at + i + half]);
     if (k_bias) a += k_bias[at + i], b += k_bias[at + i + half];
     rotate(a, b, cos_t, sin_t, pos, half, i);
-    k_cache[to + i] = f2h(a);
-    k_cache[to + i + half] = f2h(b);
+    k_cache[to + i] = f32_to_f16(a);
+    k_cache[to + i + half] = f32_to_f16(b);
     float c = h2f(v[at + i]), e = h2f(v[at + i + half]);
     if (v_bias) c += v_bias[at + i], e += v_bias[at + i + half];
-    v_cache[to + i] = f2h(c);
-    v_cache[to + i + half] = f2h(e);
+    v_cache[to + i] = f32_to_f16(c);
+    v_cache[to + i + half] = f32_to_f16(e);
 }
 
 // Up to this many f32 per lane hold a head's output dimensions (head_dim ≤ 32·MAX_DIMS).
@@ -207,7 +197,7 @@ extern "C" __global__ void attention(
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float o = 0.0f;
             for (int w = 0; w < warps; ++w) o += partial[w * head_dim + d];
-            out[h * head_dim + d] = f2h(o * inv);
+            out[h * head_dim + d] = f32_to_f16(o * inv);
         }
         return;
     }
@@ -242,7 +232,7 @@ extern "C" __global__ void attention(
             const float mr = __ldcg(all + r * (2 + head_dim));
             if (mr != NEG_INF) o += __ldcg(all + r * (2 + head_dim) + 2 + d) * __expf(mr - top);
         }
-        out[h * head_dim + d] = f2h(o / total);
+        out[h * head_dim + d] = f32_to_f16(o / total);
     }
     if (threadIdx.x == 0) done[h] = 0;
 }
@@ -252,6 +242,6 @@ extern "C" __global__ void silu_mul(const u16* gate, const u16* up, u16* out, in
     wait_for_previous();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float g = h2f(gate[i]);
-        out[i] = f2h(g / (1.0f + __expf(-g)) * h2f(up[i]));
+        out[i] = f32_to_f16(g / (1.0f + __expf(-g)) * h2f(up[i]));
     }
 }

@@ -12,8 +12,9 @@ use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOpt
 
 use super::gpu::{arg, launch, target};
 
-/// The kernels, compiled at run time by NVRTC.
-pub const SOURCE: &str = include_str!("decode.cu");
+/// The kernels, compiled at run time by NVRTC: `common.cuh` (what `qgemm.cu` shares) in
+/// front of `decode.cu`.
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("decode.cu"));
 
 /// Threads of the attention's blocks (one block per query head and run of keys): 8 warps.
 const ATTENTION_THREADS: u32 = 256;

@@ -15,5 +15,6 @@ pub mod gpu;
 
 pub use layout::{reference_matmul, GpuLayout};
 
-/// The kernels, compiled at run time by NVRTC.
-pub const SOURCE: &str = include_str!("qgemm.cu");
+/// The kernels, compiled at run time by NVRTC: `common.cuh` (what `decode.cu` shares) in
+/// front of `qgemm.cu`.
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("qgemm.cu"));

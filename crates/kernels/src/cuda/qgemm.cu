@@ -13,9 +13,6 @@
 // (fields | 0x6400·0x10001) − (1024 + z) (the exact q − z). The group scale multiplies each
 // tile's f32 partial sums.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
 __device__ __forceinline__ u32 rotl(u32 x, int r) {
     return r == 0 ? x : __funnelshift_l(x, x, r);
 }
@@ -78,12 +75,6 @@ __device__ __forceinline__ float f16lo_to_f32(u32 v) {
     float f;
     asm("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(v));
     return f;
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
 }
 
 __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
@@ -160,22 +151,6 @@ __device__ __forceinline__ void load_words(u32 (&w)[BITS], const u32* wp) {
         // The 1-bit plane: 64 words after the tile's 2-bit plane, back from this lane's pair.
         if (BITS == 3) w[2 % BITS] = ld_stream(wp + 64 - (threadIdx.x & 31));
     }
-}
-
-// Programmatic dependent launch (sm_90, when the host launches with it; no-ops otherwise): a
-// product lets the next launch start as soon as it has begun, and reads nothing another
-// kernel writes (activations) nor writes its outputs before the previous launch is done. Its
-// codes and scales, which nothing writes, are loaded before that: the next product's first
-// loads overlap this one's last tiles and reduction.
-__device__ __forceinline__ void let_next_launch_start() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // The group of K tile kt: a shift when the tiles per group are a power of two.
@@ -379,6 +354,9 @@ __device__ __forceinline__ void qgemm_body(const u32* __restrict__ W, const u32*
 #pragma unroll
     for (int u = 0; u < U; u++)
         if (u < count) load_tile<BITS, MR, NT, KS>(tl[u], next, io, meta_rows, row_tile_words, N, group_shift, tiles_per_group, false);
+    // Dependent launch (common.cuh): the codes and scales, which nothing writes, are loaded
+    // first; the activations, which the previous launch may write, and the outputs only after
+    // it is done. The next product's first loads overlap this one's last tiles and reduction.
     let_next_launch_start();
     wait_for_previous_launch();
     extern __shared__ u32 xs[];
