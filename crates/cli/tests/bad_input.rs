@@ -163,6 +163,13 @@ fn empty_prompt() {
 }
 
 #[test]
+fn generation_beyond_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(tmp.path());
+    fails_with(&["generate", "--model", s(&model), "--prompt", "the", "--max-tokens", "200"], "plus --max-tokens (200) exceeds the model's context of 128");
+}
+
+#[test]
 fn tiny_model_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_gguf(tmp.path());

@@ -92,6 +92,14 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// That `prompt` and `max_tokens` new tokens fit in `room` positions (`what` names them).
+fn ensure_room(prompt: &[u32], max_tokens: usize, room: usize, what: String) -> Result<()> {
+    if prompt.len() + max_tokens > room {
+        bail!("prompt ({} tokens) plus --max-tokens ({max_tokens}) exceeds {what}", prompt.len());
+    }
+    Ok(())
+}
+
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id; stops early
 /// at a token in `stop`.
 pub fn generate(
@@ -103,12 +111,7 @@ pub fn generate(
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let ctx = model.config.max_position_embeddings;
-    if prompt.len() + max_tokens > ctx {
-        bail!(
-            "prompt ({} tokens) plus --max-tokens ({max_tokens}) exceeds the model's context of {ctx}",
-            prompt.len()
-        );
-    }
+    ensure_room(prompt, max_tokens, ctx, format!("the model's context of {ctx}"))?;
     let mut cache = KvCache::new(model.config.num_layers);
     let last_logits = |tokens: &[u32]| -> Result<Vec<f32>> {
         let input = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)?;
@@ -131,13 +134,7 @@ pub fn generate_on_gpu(
     stop: &[u32],
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    if prompt.len() + max_tokens > decoder.capacity() {
-        bail!(
-            "prompt ({} tokens) plus --max-tokens ({max_tokens}) exceeds the GPU decoder's {} positions",
-            prompt.len(),
-            decoder.capacity()
-        );
-    }
+    ensure_room(prompt, max_tokens, decoder.capacity(), format!("the GPU decoder's {} positions", decoder.capacity()))?;
     decoder.reset();
     sample_tokens(prompt, max_tokens, sampling, stop, on_token, |tokens| decoder.prefill(tokens))
 }
