@@ -324,7 +324,6 @@ impl GpuDecoder {
         let (token, position) = (ptr(&b.input, s), ptr(&b.input, s) + std::mem::size_of::<i32>() as u64);
         let eps = c.rms_norm_eps as f32;
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let heads = Heads { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, capacity: self.capacity };
         let d = &self.decode;
         // SAFETY: every pointer is one of the decoder's buffers, sized for the config at `new`;
         // the position is below the capacity (`step`).
@@ -345,8 +344,8 @@ impl GpuDecoder {
                     cos: ptr(&self.cos, s), sin: ptr(&self.sin, s), position,
                     k_cache: p(&blk.k_cache), v_cache: p(&blk.v_cache),
                 };
-                d.rope_append(&rope, heads)?;
-                d.attention(p(&b.qkv), p(&blk.k_cache), p(&blk.v_cache), position, p(&b.heads_out), heads)?;
+                d.rope_append(&rope)?;
+                d.attention(p(&b.qkv), p(&blk.k_cache), p(&blk.v_cache), position, p(&b.heads_out))?;
                 self.product(o, p(&b.heads_out), delta)?;
                 d.residual_rms_norm(x, delta, ptr(&blk.mlp_norm, s), normed, c.hidden_size, eps)?;
                 self.product(gate_up, normed, p(&b.gate_up))?;

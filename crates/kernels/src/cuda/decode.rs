@@ -40,9 +40,9 @@ pub struct DecodeKernels {
     rope: CudaFunction,
     attention: CudaFunction,
     silu_mul: CudaFunction,
-    /// The attention's shape, its shared memory sized for `capacity` keys in `runs` runs.
+    /// The heads and caches every launch works on; the attention's shared memory is sized for
+    /// `capacity` keys in `attention_runs(capacity)` runs.
     heads: Heads,
-    runs: usize,
     /// Each run's max, sum and output (f32 `[heads, runs, 2 + head_dim]`) and each head's
     /// count of finished runs (always back to 0), when a head's keys are split.
     partials: CudaSlice<f32>,
@@ -84,8 +84,8 @@ fn grid_for(n: usize) -> u32 {
 }
 
 impl DecodeKernels {
-    /// Compiles `decode.cu` for the GPU of `stream`, its attention able to read `s.capacity`
-    /// keys of `s.head_dim` for `s.heads` query heads (its scores sit in shared memory).
+    /// Compiles `decode.cu` for the GPU of `stream`, for the heads and caches of `s` (the
+    /// attention's scores sit in shared memory).
     pub fn new(stream: Arc<CudaStream>, s: Heads) -> Result<Self> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let ctx = stream.context();
@@ -96,6 +96,7 @@ impl DecodeKernels {
         let module = ctx.load_module(ptx).context("loading decode PTX")?;
         let f = |name: &str| module.load_function(name).with_context(|| format!("kernel {name}"));
         ensure!(head_dim.is_multiple_of(2) && head_dim <= MAX_HEAD_DIM, "the GPU decoder takes even head dimensions up to {MAX_HEAD_DIM}, not {head_dim}");
+        ensure!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "{} heads over {} KV heads", s.heads, s.kv_heads);
         let attention = f("attention")?;
         let shared = Self::attention_shared(capacity, head_dim, runs);
         let limit = ctx.attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).context("shared memory per block")? as usize;
@@ -105,7 +106,7 @@ impl DecodeKernels {
         }
         let partials = stream.alloc_zeros::<f32>(if runs > 1 { s.heads * runs * (2 + head_dim) } else { 1 })?;
         let done = stream.alloc_zeros::<u32>(s.heads.max(1))?;
-        Ok(Self { embed: f("embed")?, norm: f("residual_rms_norm")?, rope: f("rope_append")?, attention, silu_mul: f("silu_mul")?, stream, heads: s, runs, partials, done, dependent_launch })
+        Ok(Self { embed: f("embed")?, norm: f("residual_rms_norm")?, rope: f("rope_append")?, attention, silu_mul: f("silu_mul")?, stream, heads: s, partials, done, dependent_launch })
     }
 
     /// Launches `f` on this stream, dependently when `dependent` and the GPU can.
@@ -148,10 +149,10 @@ impl DecodeKernels {
     /// Biases and rotates the new query and key, and writes key and value at the position.
     ///
     /// # Safety
-    /// Every pointer of `a` as its doc says, for `s`; the position below `s.capacity` and the
-    /// rotary tables' length.
-    pub unsafe fn rope_append(&self, a: &RopeAppend, s: Heads) -> Result<()> {
-        ensure!(s.head_dim.is_multiple_of(2) && s.head_dim <= 2048, "head dimension {}", s.head_dim);
+    /// Every pointer of `a` as its doc says, for this decoder's heads; the position below their
+    /// capacity and the rotary tables' length.
+    pub unsafe fn rope_append(&self, a: &RopeAppend) -> Result<()> {
+        let s = self.heads;
         let (heads, head_dim, capacity) = (s.heads as i32, s.head_dim as i32, s.capacity as i32);
         let threads = (s.head_dim / 2).next_multiple_of(32) as u32;
         let mut args = [
@@ -167,21 +168,19 @@ impl DecodeKernels {
     ///
     /// # Safety
     /// `q` and `out` heads·head_dim f16, the caches as `rope_append` writes them, the position
-    /// below `s.capacity`.
-    pub unsafe fn attention(&self, q: u64, k_cache: u64, v_cache: u64, position: u64, out: u64, s: Heads) -> Result<()> {
-        let h = self.heads;
-        ensure!(s.capacity == h.capacity && s.heads == h.heads && s.head_dim == h.head_dim, "attention of {s:?}, sized for {h:?}");
-        ensure!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "{} heads over {} KV heads", s.heads, s.kv_heads);
+    /// below the capacity.
+    pub unsafe fn attention(&self, q: u64, k_cache: u64, v_cache: u64, position: u64, out: u64) -> Result<()> {
+        let (s, runs) = (self.heads, attention_runs(self.heads.capacity));
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let (heads, kv_heads, head_dim, capacity) = (s.heads as i32, s.kv_heads as i32, s.head_dim as i32, s.capacity as i32);
-        let shared = Self::attention_shared(s.capacity, s.head_dim, self.runs) as u32;
+        let shared = Self::attention_shared(s.capacity, s.head_dim, runs) as u32;
         let (partials, _g1) = self.partials.device_ptr(&self.stream);
         let (done, _g2) = self.done.device_ptr(&self.stream);
         let mut args = [
             arg(&q), arg(&k_cache), arg(&v_cache), arg(&position), arg(&out), arg(&partials), arg(&done),
             arg(&heads), arg(&kv_heads), arg(&head_dim), arg(&capacity), arg(&scale),
         ];
-        self.launch(&self.attention, (s.heads as u32, self.runs as u32), ATTENTION_THREADS, shared, true, &mut args)
+        self.launch(&self.attention, (s.heads as u32, runs as u32), ATTENTION_THREADS, shared, true, &mut args)
     }
 
     /// `out = silu(gate) · up`, n f16 each.
