@@ -184,8 +184,10 @@ fn cpu_logits(cpu: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
 /// The GPU decoder (its steps launched one by one, or replayed as a CUDA graph) gives the CPU
 /// model's logits token by token: packed checkpoints (fused kernels for the linears of 64
 /// columns, f16 cuBLAS for those of 96), the FP model (all cuBLAS, f32 embeddings), GQA and
-/// q/k/v biases (qwen2). It refuses a full cache and an unknown token, and starts over after
-/// `reset`. Skipped without a GPU.
+/// q/k/v biases (qwen2); after `reset` it starts over, and a prefill gives the same logits and
+/// cache. It refuses a full cache, a prefill past it or of no tokens, an unknown token,
+/// `generate_on_gpu` beyond the cache, a cache beyond the model's context and a CPU device.
+/// Skipped without a GPU.
 #[cfg(feature = "cuda")]
 #[test]
 fn the_gpu_decoder_equals_the_cpu() {
